@@ -1,0 +1,31 @@
+# `make test`: create the virtualenv when needed, install the pinned CPU stack, run the test suite.
+# `make lint`: ruff.  Override the interpreter with `make PYTHON=python3.11 test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint install clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+
+# torch first, from the CPU wheel: DeepSpeed's setup imports torch, so it is built without isolation
+# (otherwise pip would fetch a CUDA torch into the build environment).
+$(STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -r requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

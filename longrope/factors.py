@@ -1,0 +1,427 @@
+"""The factors file: one JSON document per result, readable by search.py, train.py and evaluate.py.
+
+Example (``factors.json``)::
+
+    {
+      "format": "longrope-factors",
+      "version": 1,
+      "method": "longrope",
+      "rope_theta": 10000.0,
+      "head_dim": 64,
+      "rotary_dim": 64,
+      "original_max_position_embeddings": 256,
+      "max_position_embeddings": 2048,
+      "long_factors": [1.0, 1.02, ..., 9.8],
+      "short_factors": null,
+      "start_tokens": 0,
+      "mscale": {"policy": "su", "value": 1.1677},
+      "provenance": {"model": "models/tiny", "data_sha256": "...", "fitness": 4.01, "settings": {...}}
+    }
+
+``short_factors`` (optional) apply to sequences no longer than the original window; without them the long
+factors apply to every length. The file converts to a stock transformers ``rope_parameters`` of
+``rope_type: longrope`` whenever ``start_tokens`` is 0, so an exported model loads with no custom code.
+The official LongRoPE repository's CSV files (one factor per line, ``result_final.csv``) are readable too.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longrope.errors import LongRopeError
+from longrope.io import atomic_write_json, sha256_file
+from longrope.rope import RopeGeometry, RopeScaling, canonical_method
+
+FORMAT = "longrope-factors"
+VERSION = 1
+REQUIRED_KEYS = (
+    "method",
+    "rope_theta",
+    "head_dim",
+    "rotary_dim",
+    "original_max_position_embeddings",
+    "max_position_embeddings",
+    "long_factors",
+)
+
+
+@dataclass
+class FactorsFile:
+    """A scaling plus where it came from."""
+
+    scaling: RopeScaling
+    provenance: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def sha256(self) -> str | None:
+        return sha256_file(self.path) if self.path and os.path.exists(self.path) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSON
+
+
+def to_dict(scaling: RopeScaling, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    geometry = scaling.geometry
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": scaling.method,
+        "rope_theta": geometry.rope_theta,
+        "head_dim": geometry.head_dim,
+        "rotary_dim": geometry.rotary_dim,
+        "original_max_position_embeddings": geometry.original_max_position_embeddings,
+        "max_position_embeddings": scaling.max_position_embeddings,
+        "long_factors": [float(x) for x in scaling.long_factors],
+        "short_factors": None if scaling.short_factors is None else [float(x) for x in scaling.short_factors],
+        "start_tokens": scaling.start_tokens,
+        "mscale": {"policy": scaling.mscale_policy, "value": scaling.mscale},
+        "dynamic": scaling.dynamic,
+        "options": dict(scaling.options),
+        "provenance": provenance or {},
+    }
+
+
+def from_dict(payload: dict[str, Any], source: str = "<dict>") -> FactorsFile:
+    if not isinstance(payload, dict):
+        raise LongRopeError(f"{source}: a factors file must hold a JSON object, got {type(payload).__name__}")
+    if payload.get("format", FORMAT) != FORMAT:
+        raise LongRopeError(f"{source}: format is {payload.get('format')!r}, expected {FORMAT!r}")
+    if payload.get("version", VERSION) > VERSION:
+        raise LongRopeError(f"{source}: version {payload['version']} is newer than this code ({VERSION}): upgrade")
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise LongRopeError(f"{source}: missing key(s) {', '.join(missing)}: see the example in longrope/factors.py")
+    for key in ("head_dim", "rotary_dim", "original_max_position_embeddings", "max_position_embeddings"):
+        if not isinstance(payload[key], int) or payload[key] <= 0:
+            raise LongRopeError(f"{source}: {key} must be a positive integer, got {payload[key]!r}")
+    for key in ("long_factors", "short_factors"):
+        value = payload.get(key)
+        if value is not None and not (isinstance(value, list) and all(_is_number(x) for x in value)):
+            raise LongRopeError(f"{source}: {key} must be a list of numbers")
+    mscale = payload.get("mscale", {"policy": "none", "value": 1.0})
+    if not isinstance(mscale, dict) or "value" not in mscale:
+        raise LongRopeError(f'{source}: mscale must be an object like {{"policy": "su", "value": 1.12}}')
+    geometry = RopeGeometry(
+        float(payload["rope_theta"]),
+        payload["head_dim"],
+        payload["rotary_dim"],
+        payload["original_max_position_embeddings"],
+    )
+    try:
+        scaling = RopeScaling(
+            method=canonical_method(payload["method"]),
+            geometry=geometry,
+            max_position_embeddings=payload["max_position_embeddings"],
+            long_factors=tuple(float(x) for x in payload["long_factors"]),
+            short_factors=None
+            if payload.get("short_factors") is None
+            else tuple(map(float, payload["short_factors"])),
+            start_tokens=payload.get("start_tokens", 0),
+            mscale=float(mscale["value"]),
+            mscale_policy=str(mscale.get("policy", "constant")),
+            dynamic=bool(payload.get("dynamic", False)),
+            options=dict(payload.get("options") or {}),
+        )
+    except LongRopeError as error:
+        raise LongRopeError(f"{source}: {error}") from None
+    return FactorsFile(scaling, dict(payload.get("provenance") or {}))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def save(path: str | os.PathLike, scaling: RopeScaling, provenance: dict[str, Any] | None = None) -> None:
+    """Write a factors file atomically (a reader never sees half a file)."""
+    atomic_write_json(path, to_dict(scaling, provenance))
+
+
+def load(path: str | os.PathLike, geometry: RopeGeometry | None = None, **csv_options: Any) -> FactorsFile:
+    """Load a factors JSON file, or an official-repo CSV (then ``geometry`` and ``target_length`` are needed)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise LongRopeError(f"factors file {path} does not exist: check rope_factors_path")
+    if path.endswith(".csv"):
+        if geometry is None:
+            raise LongRopeError(f"{path}: reading an official CSV needs the model's RoPE geometry")
+        loaded = read_official_csv(path, geometry, **csv_options)
+    else:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise LongRopeError(f"{path}:{error.lineno}:{error.colno}: malformed JSON ({error.msg})") from None
+        loaded = from_dict(payload, source=path)
+    loaded.path = path
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The official repository's CSV
+
+
+def read_official_csv(
+    path: str | os.PathLike,
+    geometry: RopeGeometry,
+    target_length: int | None = None,
+    mscale: str | float | None = "su",
+) -> FactorsFile:
+    """Read the official LongRoPE CSV: one factor per line (``np.savetxt(..., delimiter='\\n')``) or one row.
+
+    A file with one value more than the model has frequency pairs is the internal ``dim_mono_n`` layout, whose
+    first gene is the start-token count n̂. Per-layer tables (one row per layer) are accepted only when all rows are
+    equal, because stock transformers has one factor set per model.
+    """
+    path = os.fspath(path)
+    if target_length is None:
+        raise LongRopeError(f"{path}: the official CSV does not record the target length: set target_length")
+    rows: list[list[float]] = []
+    with open(path, encoding="utf-8", newline="") as handle:
+        for line_number, row in enumerate(csv.reader(handle), start=1):
+            cells = [cell.strip() for cell in row if cell.strip()]
+            if not cells or cells[0].startswith("#"):
+                continue
+            try:
+                rows.append([float(cell) for cell in cells])
+            except ValueError:
+                raise LongRopeError(f"{path}:{line_number}: not a number in {row!r}") from None
+    if not rows:
+        raise LongRopeError(f"{path}: no factors found")
+    if all(len(row) == 1 for row in rows):
+        values = [row[0] for row in rows]
+    elif len(rows) == 1:
+        values = rows[0]
+    else:
+        if any(row != rows[0] for row in rows):
+            raise LongRopeError(
+                f"{path}: {len(rows)} different per-layer factor rows; per-layer factors are not supported "
+                "(transformers has one set per model): average them or search shared factors"
+            )
+        values = rows[0]
+    start_tokens = 0
+    if len(values) == geometry.num_pairs + 1:
+        first = values[0]
+        if first < 0 or first != int(first):
+            raise LongRopeError(f"{path}:1: with {len(values)} values the first is n̂ and must be an integer >= 0")
+        start_tokens, values = int(first), values[1:]
+    if len(values) != geometry.num_pairs:
+        raise LongRopeError(
+            f"{path}: {len(values)} factors, but the model has {geometry.num_pairs} frequency pairs "
+            f"(rotary_dim {geometry.rotary_dim}): use a CSV searched for this model"
+        )
+    from longrope.rope import longrope_scaling
+
+    scaling = longrope_scaling(geometry, target_length, values, start_tokens=start_tokens, mscale=mscale)
+    return FactorsFile(scaling, {"source": f"official csv {os.path.basename(path)}"})
+
+
+def write_official_csv(path: str | os.PathLike, scaling: RopeScaling) -> None:
+    """Write the long factors in the official one-per-line layout (for the official evaluation scripts)."""
+    from longrope.io import atomic_write_text
+
+    atomic_write_text(path, "".join(f"{value!r}\n" for value in scaling.long_factors))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers interoperability
+
+
+def to_rope_parameters(scaling: RopeScaling, allow_start_tokens: bool = False) -> dict[str, Any]:
+    """A stock transformers ``rope_parameters`` (``rope_type: longrope``) that reproduces ``scaling``.
+
+    Start tokens cannot be expressed there; with ``allow_start_tokens`` they are dropped (see :func:`export_model`).
+    """
+    if scaling.dynamic:
+        raise LongRopeError(
+            "dynamic_ntk recomputes factors per sequence length and has no fixed factor set: export pi, ntk, yarn "
+            "or longrope factors instead"
+        )
+    if scaling.start_tokens and not allow_start_tokens:
+        raise LongRopeError(
+            f"start_tokens = {scaling.start_tokens}: stock transformers cannot keep the first positions "
+            "un-interpolated; pass allow_start_tokens=True (--allow_start_tokens) to export without them"
+        )
+    geometry = scaling.geometry
+    short = scaling.short_factors if scaling.short_factors is not None else scaling.long_factors
+    parameters: dict[str, Any] = {
+        "rope_type": "longrope",
+        "rope_theta": geometry.rope_theta,
+        "long_factor": [float(x) for x in scaling.long_factors],
+        "short_factor": [float(x) for x in short],
+        "original_max_position_embeddings": geometry.original_max_position_embeddings,
+        "factor": scaling.scale,
+        "attention_factor": scaling.mscale,
+    }
+    if geometry.rotary_dim != geometry.head_dim:
+        parameters["partial_rotary_factor"] = geometry.rotary_dim / geometry.head_dim
+    return parameters
+
+
+def apply_to_config(config: Any, scaling: RopeScaling, allow_start_tokens: bool = False) -> Any:
+    """Return a copy of ``config`` whose RoPE settings are ``scaling`` (for saving checkpoints)."""
+    config = copy.deepcopy(config)
+    config.rope_parameters = to_rope_parameters(scaling, allow_start_tokens)
+    config.max_position_embeddings = scaling.max_position_embeddings
+    if hasattr(config, "original_max_position_embeddings"):
+        # Phi-3 keeps the pre-training window at the top level, and transformers prefers it there.
+        config.original_max_position_embeddings = scaling.geometry.original_max_position_embeddings
+    return config
+
+
+def start_token_loss_note(scaling: RopeScaling) -> str:
+    return (
+        f"start_tokens = {scaling.start_tokens} dropped: a stock loader rotates positions 0..{scaling.start_tokens - 1} "
+        "with the rescaled angles (and mscale) instead of the original ones, so its logits differ slightly from "
+        "the LongRoPE model's; load with longrope.rope.install to keep them"
+    )
+
+
+def export_model(
+    model: Any,
+    scaling: RopeScaling,
+    output_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    provenance: dict[str, Any] | None = None,
+    allow_start_tokens: bool = False,
+) -> list[str]:
+    """Save ``model`` (weights as safetensors) with a stock ``longrope`` rope config to ``output_dir``.
+
+    The directory appears complete or not at all (written beside it, then renamed). Returns notes for the user,
+    e.g. what a stock loader loses when start tokens were dropped. The factors file is saved inside as
+    ``longrope_factors.json``.
+    """
+    notes = []
+    if scaling.start_tokens:
+        to_rope_parameters(scaling, allow_start_tokens)  # refuses unless allowed
+        notes.append(start_token_loss_note(scaling))
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    original_config = model.config
+    try:
+        model.config = apply_to_config(original_config, scaling, allow_start_tokens)
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        save(staging / "longrope_factors.json", scaling, {**(provenance or {}), "export_notes": notes})
+        _replace_directory(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        model.config = original_config
+    return notes
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    if target.exists():
+        retired = target.with_name(f".{target.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def is_close(a: RopeScaling, b: RopeScaling, rel_tol: float = 1e-9) -> bool:
+    """Same factors, start tokens, mscale and lengths (up to float noise)."""
+
+    def same(x, y):
+        if x is None or y is None:
+            return x is y
+        return len(x) == len(y) and all(math.isclose(p, q, rel_tol=rel_tol) for p, q in zip(x, y))
+
+    return (
+        a.geometry == b.geometry
+        and a.max_position_embeddings == b.max_position_embeddings
+        and same(a.long_factors, b.long_factors)
+        and same(a.short_factors, b.short_factors)
+        and a.start_tokens == b.start_tokens
+        and math.isclose(a.mscale, b.mscale, rel_tol=rel_tol)
+    )
+
+
+def load_for_model(path: str | os.PathLike, config: Any, target_length: int | None = None) -> FactorsFile:
+    """Load a factors file (JSON or official CSV) and check it fits a model's RoPE geometry."""
+    geometry = RopeGeometry.from_config(config)
+    loaded = load(path, geometry=geometry, target_length=target_length)
+    file_geometry = loaded.scaling.geometry
+    if file_geometry.rotary_dim != geometry.rotary_dim or file_geometry.head_dim != geometry.head_dim:
+        raise LongRopeError(
+            f"{path}: factors for head_dim {file_geometry.head_dim} (rotary_dim {file_geometry.rotary_dim}) but the "
+            f"model has head_dim {geometry.head_dim} (rotary_dim {geometry.rotary_dim}): use factors for this model"
+        )
+    return loaded
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m longrope.factors export --model DIR --factors FILE --output DIR [--allow_start_tokens]``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m longrope.factors", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write a model directory that stock transformers loads")
+    export.add_argument("--model", required=True, help="model directory or hub name")
+    export.add_argument("--factors", required=True, help="factors JSON (or official CSV with --target_length)")
+    export.add_argument("--output", required=True, help="directory to write (replaced whole if it exists)")
+    export.add_argument("--target_length", type=int, default=None, help="target length, for an official CSV")
+    export.add_argument("--allow_start_tokens", action="store_true", help="drop n̂ > 0 (stock loaders ignore it)")
+    show = commands.add_parser("show", help="print a factors file's settings and its rope_parameters")
+    show.add_argument("--factors", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "show":
+            loaded = load(args.factors)
+            print(json.dumps({**to_dict(loaded.scaling, loaded.provenance), "sha256": loaded.sha256}, indent=2))
+            return 0
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+        loaded = load_for_model(args.factors, model.config, args.target_length)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError):
+            tokenizer = None
+        provenance = {**loaded.provenance, "factors_sha256": loaded.sha256, "exported_from": args.model}
+        notes = export_model(model, loaded.scaling, args.output, tokenizer, provenance, args.allow_start_tokens)
+    except LongRopeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"exported {args.output} (rope_type longrope, {loaded.scaling.max_position_embeddings} positions)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "FactorsFile",
+    "apply_to_config",
+    "export_model",
+    "from_dict",
+    "is_close",
+    "load",
+    "load_for_model",
+    "read_official_csv",
+    "save",
+    "to_dict",
+    "to_rope_parameters",
+    "write_official_csv",
+]

@@ -1,0 +1,563 @@
+"""RoPE rescaling methods and the one seam that installs them into a Hugging Face model.
+
+Vocabulary (used across the project):
+
+- **rescale factor** λ_i: one per RoPE frequency pair (``rotary_dim // 2`` of them). Pair ``i`` rotates with
+  frequency θ_i / λ_i, where θ_i = rope_theta^(-2i / rotary_dim). λ = 1 extrapolates, λ = s is PI.
+- **scale** s = target length / original (pre-training) length.
+- **start tokens** n̂: positions < n̂ keep the original, un-rescaled angles (LongRoPE, arXiv 2402.13753 Eq. 3).
+  As in the official ``MixedLongRoPEScaledRotaryEmbedding``, those positions use the original cos/sin without mscale.
+- **mscale** (HF's ``attention_factor``): multiplies cos and sin of rescaled positions. Policies: ``su`` =
+  sqrt(1 + ln s / ln L_orig), ``yarn`` = 0.1 ln s + 1, or a constant.
+- **long / short factors**: the long set applies to sequences longer than the original window, the short set (if
+  any) to the others. The choice is made per *sequence* from its global length (the largest position id + 1 over
+  all sequence-parallel ranks), or forced with :func:`select_factors`; never from one rank's shard.
+
+The baselines (PI, NTK-aware, dynamic NTK, YaRN) are expressed as rescale factors derived from transformers' own
+``ROPE_INIT_FUNCTIONS``: λ_i = θ_i / θ'_i where θ' is what transformers computes for that method.
+
+Typical use::
+
+    geometry = RopeGeometry.from_config(model.config)
+    scaling = build_scaling("yarn", geometry, target_length=32768)
+    install(model, scaling)            # replaces the rotary module(s) in place
+    install(model, other_scaling)      # switching again reuses the installed module: no reload
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from longrope.errors import LongRopeError
+
+METHODS = ("none", "pi", "ntk", "dynamic_ntk", "yarn", "longrope")
+MSCALE_POLICIES = ("su", "yarn", "none")
+SELECTIONS = ("auto", "long", "short")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry and scaling descriptions (pure data)
+
+
+@dataclass(frozen=True)
+class RopeGeometry:
+    """What a model fixes about its RoPE: base, rotated channels per head, and the pre-training window."""
+
+    rope_theta: float
+    head_dim: int
+    rotary_dim: int
+    original_max_position_embeddings: int
+
+    @property
+    def num_pairs(self) -> int:
+        return self.rotary_dim // 2
+
+    @classmethod
+    def from_config(cls, config: Any, original_max_position_embeddings: int | None = None) -> RopeGeometry:
+        """Read the geometry of a transformers config (any RoPE architecture with one global rope setting).
+
+        ``original_max_position_embeddings`` defaults to the config's own (already-extended models such as
+        Phi-3-128k keep it in ``rope_parameters``), else ``max_position_embeddings``.
+        """
+        params = _rope_parameters_of(config)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        partial = params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+        rotary_dim = int(head_dim * partial)
+        original = (
+            original_max_position_embeddings
+            or params.get("original_max_position_embeddings")
+            or getattr(config, "original_max_position_embeddings", None)
+            or config.max_position_embeddings
+        )
+        theta = params.get("rope_theta") or getattr(config, "rope_theta", None)
+        if theta is None:
+            raise LongRopeError(f"{type(config).__name__} has no rope_theta: this model does not use RoPE")
+        return cls(float(theta), int(head_dim), rotary_dim, int(original))
+
+    def base_inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """θ_i in fp32, computed exactly as transformers computes its default RoPE."""
+        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device=device).float() / self.rotary_dim
+        return 1.0 / (self.rope_theta**exponent)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A complete, model-independent description of how positions are rotated.
+
+    ``long_factors`` apply to sequences longer than ``geometry.original_max_position_embeddings`` and, when
+    ``short_factors`` is None, to every sequence. ``dynamic`` (dynamic NTK only) recomputes the factors from each
+    sequence's length; ``long_factors`` then holds the factors at ``max_position_embeddings``.
+    """
+
+    method: str
+    geometry: RopeGeometry
+    max_position_embeddings: int
+    long_factors: tuple[float, ...]
+    short_factors: tuple[float, ...] | None = None
+    start_tokens: int = 0
+    mscale: float = 1.0
+    mscale_policy: str = "none"
+    dynamic: bool = False
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        validate_factors(self.long_factors, self.geometry, "long_factors")
+        if self.short_factors is not None:
+            validate_factors(self.short_factors, self.geometry, "short_factors")
+        if not isinstance(self.start_tokens, int) or self.start_tokens < 0:
+            raise LongRopeError(f"start_tokens must be an integer >= 0, got {self.start_tokens!r}")
+        if not (math.isfinite(self.mscale) and self.mscale > 0):
+            raise LongRopeError(f"mscale must be a finite number > 0, got {self.mscale!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.max_position_embeddings / self.geometry.original_max_position_embeddings
+
+    def factors_for_length(self, length: int) -> tuple[float, ...]:
+        """The factor set a sequence of ``length`` tokens uses (static methods)."""
+        if self.short_factors is not None and length <= self.geometry.original_max_position_embeddings:
+            return self.short_factors
+        return self.long_factors
+
+
+def validate_factors(factors: Sequence[float], geometry: RopeGeometry, name: str = "factors") -> None:
+    if len(factors) != geometry.num_pairs:
+        raise LongRopeError(
+            f"{name} has {len(factors)} values but the model rotates {geometry.rotary_dim} channels per head "
+            f"(head_dim {geometry.head_dim}), i.e. {geometry.num_pairs} frequency pairs: give one factor per pair"
+        )
+    for index, value in enumerate(factors):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise LongRopeError(f"{name}[{index}] = {value!r}: every rescale factor must be a finite number > 0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mscale
+
+
+def resolve_mscale(
+    policy: str | float | None, scale: float, original_max_position_embeddings: int
+) -> tuple[float, str]:
+    """Return (value, policy name). ``None`` and ``"none"`` give 1.0; a number is a constant."""
+    if policy is None or policy == "none":
+        return 1.0, "none"
+    if isinstance(policy, str):
+        try:
+            constant = float(policy)
+        except ValueError:
+            constant = None
+        if constant is not None:
+            policy = constant
+    if isinstance(policy, (int, float)) and not isinstance(policy, bool):
+        if not (math.isfinite(policy) and policy > 0):
+            raise LongRopeError(f"mscale = {policy!r}: a constant mscale must be a finite number > 0")
+        return float(policy), "constant"
+    if policy == "su":
+        value = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original_max_position_embeddings))
+        return value, "su"
+    if policy == "yarn":
+        return (1.0 if scale <= 1 else 0.1 * math.log(scale) + 1.0), "yarn"
+    raise LongRopeError(f"mscale = {policy!r} is not known: use one of {', '.join(MSCALE_POLICIES)} or a number > 0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Methods: pure functions returning RopeScaling
+
+
+def _check_target(geometry: RopeGeometry, target_length: int, method: str) -> None:
+    if not isinstance(target_length, int) or target_length <= geometry.original_max_position_embeddings:
+        raise LongRopeError(
+            f"target_length = {target_length!r} must be larger than the original length "
+            f"{geometry.original_max_position_embeddings} for method {method!r} (scale = target / original > 1)"
+        )
+
+
+def _transformers_inv_freq(
+    geometry: RopeGeometry, rope_parameters: dict[str, Any], max_position_embeddings: int, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """Ask transformers' own RoPE init function for a method's frequencies on a scratch config."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(
+        hidden_size=geometry.rotary_dim,
+        num_attention_heads=1,
+        head_dim=geometry.rotary_dim,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters={"rope_theta": geometry.rope_theta, **rope_parameters},
+    )
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, "cpu", seq_len=seq_len)
+    return inv_freq.float(), float(attention_factor)
+
+
+def _factors_from_inv_freq(geometry: RopeGeometry, inv_freq: torch.Tensor) -> tuple[float, ...]:
+    return tuple((geometry.base_inv_freq().double() / inv_freq.double()).tolist())
+
+
+def none_scaling(geometry: RopeGeometry, target_length: int | None = None, **_: Any) -> RopeScaling:
+    """Plain RoPE (extrapolation): every factor 1."""
+    target = target_length or geometry.original_max_position_embeddings
+    return RopeScaling("none", geometry, target, (1.0,) * geometry.num_pairs)
+
+
+def pi_scaling(geometry: RopeGeometry, target_length: int, mscale: str | float | None = None, **_: Any) -> RopeScaling:
+    """Position interpolation (transformers ``linear``): λ_i = s for every pair."""
+    _check_target(geometry, target_length, "pi")
+    scale = target_length / geometry.original_max_position_embeddings
+    inv_freq, _unused = _transformers_inv_freq(
+        geometry, {"rope_type": "linear", "factor": scale}, geometry.original_max_position_embeddings
+    )
+    value, policy = resolve_mscale(mscale, scale, geometry.original_max_position_embeddings)
+    return RopeScaling(
+        "pi", geometry, target_length, _factors_from_inv_freq(geometry, inv_freq), None, 0, value, policy
+    )
+
+
+def ntk_scaling(
+    geometry: RopeGeometry, target_length: int, mscale: str | float | None = None, **_: Any
+) -> RopeScaling:
+    """NTK-aware scaling: base · s^(d/(d-2)).
+
+    transformers' ``dynamic`` init at factor 1 and sequence length s·L_orig is exactly this static rule.
+    """
+    _check_target(geometry, target_length, "ntk")
+    scale = target_length / geometry.original_max_position_embeddings
+    inv_freq, _unused = _transformers_inv_freq(
+        geometry, {"rope_type": "dynamic", "factor": 1.0}, geometry.original_max_position_embeddings, target_length
+    )
+    value, policy = resolve_mscale(mscale, scale, geometry.original_max_position_embeddings)
+    return RopeScaling(
+        "ntk", geometry, target_length, _factors_from_inv_freq(geometry, inv_freq), None, 0, value, policy
+    )
+
+
+def dynamic_ntk_factors(geometry: RopeGeometry, scale: float, length: int) -> tuple[float, ...]:
+    """Dynamic NTK factors for a sequence of ``length`` tokens (transformers ``dynamic`` with ``factor = scale``)."""
+    if length <= geometry.original_max_position_embeddings:
+        return (1.0,) * geometry.num_pairs
+    inv_freq, _unused = _transformers_inv_freq(
+        geometry, {"rope_type": "dynamic", "factor": scale}, geometry.original_max_position_embeddings, length
+    )
+    return _factors_from_inv_freq(geometry, inv_freq)
+
+
+def dynamic_ntk_scaling(
+    geometry: RopeGeometry, target_length: int, mscale: str | float | None = None, **_: Any
+) -> RopeScaling:
+    """Dynamic NTK: the NTK base grows with each sequence's own length (transformers ``dynamic``).
+
+    Unlike transformers' module, which keeps the largest length it has seen, the factors here depend only on the
+    current sequence, so results do not depend on what was evaluated before.
+    """
+    _check_target(geometry, target_length, "dynamic_ntk")
+    scale = target_length / geometry.original_max_position_embeddings
+    value, policy = resolve_mscale(mscale, scale, geometry.original_max_position_embeddings)
+    return RopeScaling(
+        "dynamic_ntk",
+        geometry,
+        target_length,
+        dynamic_ntk_factors(geometry, scale, target_length),
+        None,
+        0,
+        value,
+        policy,
+        dynamic=True,
+    )
+
+
+def yarn_scaling(
+    geometry: RopeGeometry,
+    target_length: int,
+    mscale: str | float | None = "yarn",
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    **_: Any,
+) -> RopeScaling:
+    """YaRN as transformers implements it (ramp linear over the pair index between the correction dims).
+
+    The official LongRoPE search seeds Llama with beta 32/1 and Mistral with 128/2.
+    """
+    _check_target(geometry, target_length, "yarn")
+    scale = target_length / geometry.original_max_position_embeddings
+    inv_freq, _unused = _transformers_inv_freq(
+        geometry,
+        {
+            "rope_type": "yarn",
+            "factor": scale,
+            "beta_fast": beta_fast,
+            "beta_slow": beta_slow,
+            "original_max_position_embeddings": geometry.original_max_position_embeddings,
+        },
+        target_length,
+    )
+    value, policy = resolve_mscale(mscale, scale, geometry.original_max_position_embeddings)
+    return RopeScaling(
+        "yarn",
+        geometry,
+        target_length,
+        _factors_from_inv_freq(geometry, inv_freq),
+        None,
+        0,
+        value,
+        policy,
+        options={"beta_fast": beta_fast, "beta_slow": beta_slow},
+    )
+
+
+def longrope_scaling(
+    geometry: RopeGeometry,
+    target_length: int,
+    long_factors: Sequence[float],
+    short_factors: Sequence[float] | None = None,
+    start_tokens: int = 0,
+    mscale: str | float | None = "su",
+    **_: Any,
+) -> RopeScaling:
+    """LongRoPE: searched per-pair factors (long, optionally short), start tokens n̂ and an mscale policy."""
+    _check_target(geometry, target_length, "longrope")
+    scale = target_length / geometry.original_max_position_embeddings
+    value, policy = resolve_mscale(mscale, scale, geometry.original_max_position_embeddings)
+    return RopeScaling(
+        "longrope",
+        geometry,
+        target_length,
+        tuple(float(x) for x in long_factors),
+        None if short_factors is None else tuple(float(x) for x in short_factors),
+        start_tokens,
+        value,
+        policy,
+    )
+
+
+METHOD_FUNCTIONS: dict[str, Callable[..., RopeScaling]] = {
+    "none": none_scaling,
+    "pi": pi_scaling,
+    "ntk": ntk_scaling,
+    "dynamic_ntk": dynamic_ntk_scaling,
+    "yarn": yarn_scaling,
+    "longrope": longrope_scaling,
+}
+METHOD_ALIASES = {"linear": "pi", "dynamic": "dynamic_ntk", "ntk_aware": "ntk", "extrapolation": "none"}
+
+
+def canonical_method(method: str) -> str:
+    name = METHOD_ALIASES.get(method, method)
+    if name not in METHOD_FUNCTIONS:
+        raise LongRopeError(f"rope method {method!r} is not known: use one of {', '.join(METHODS)}")
+    return name
+
+
+def build_scaling(
+    method: str, geometry: RopeGeometry, target_length: int | None = None, **options: Any
+) -> RopeScaling:
+    """Dispatch by method name: ``build_scaling("yarn", geometry, 2048, mscale="yarn")``."""
+    return METHOD_FUNCTIONS[canonical_method(method)](geometry, target_length=target_length, **options)
+
+
+def with_start_tokens(scaling: RopeScaling, start_tokens: int) -> RopeScaling:
+    return replace(scaling, start_tokens=start_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The installed module
+
+
+class ScaledRotaryEmbedding(nn.Module):
+    """Drop-in replacement for a transformers ``*RotaryEmbedding``: ``forward(x, position_ids) -> (cos, sin)``.
+
+    Frequencies live in plain fp32 tensors (not buffers), so ``model.to(torch.bfloat16)`` cannot round them.
+    """
+
+    def __init__(self, scaling: RopeScaling) -> None:
+        super().__init__()
+        self.selection = "auto"
+        self.sequence_parallel_group: Any = None
+        self.set_scaling(scaling)
+
+    def set_scaling(self, scaling: RopeScaling) -> None:
+        geometry = scaling.geometry
+        exponent = torch.arange(0, geometry.rotary_dim, 2, dtype=torch.int64).float() / geometry.rotary_dim
+        self.scaling = scaling
+        self._base_powers = geometry.rope_theta**exponent
+        self._base_inv_freq = 1.0 / self._base_powers
+        self._long_inv_freq = self._inv_freq(scaling.long_factors)
+        self._short_inv_freq = None if scaling.short_factors is None else self._inv_freq(scaling.short_factors)
+        self._dynamic_cache: dict[int, torch.Tensor] = {}
+        self._device_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _inv_freq(self, factors: Sequence[float]) -> torch.Tensor:
+        # Same expression as transformers' longrope init, so an exported model reproduces these logits.
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * self._base_powers)
+
+    def _on(self, name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._device_cache:
+            self._device_cache[key] = tensor.to(device)
+        return self._device_cache[key]
+
+    def sequence_lengths(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Global length of each sequence: largest position id + 1, maximised over the sequence-parallel group."""
+        lengths = position_ids.amax(dim=-1) + 1
+        group = self.sequence_parallel_group
+        if group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            lengths = lengths.clone()
+            torch.distributed.all_reduce(lengths, op=torch.distributed.ReduceOp.MAX, group=group)
+        return lengths
+
+    def _row_inv_freq(self, position_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Frequencies per sequence, shape [batch, pairs]."""
+        scaling = self.scaling
+        batch = position_ids.shape[0]
+        long_inv = self._on("long", self._long_inv_freq, device)
+        if self.selection == "long" or (self._short_inv_freq is None and not scaling.dynamic):
+            return long_inv.expand(batch, -1)
+        if self.selection == "short":
+            # Without a short set the long factors serve every length, so forcing "short" changes nothing.
+            short = self._short_inv_freq if self._short_inv_freq is not None else self._long_inv_freq
+            return self._on("short", short, device).expand(batch, -1)
+        lengths = self.sequence_lengths(position_ids).tolist()
+        if scaling.dynamic:
+            rows = [self._dynamic_inv_freq(int(length)) for length in lengths]
+            return torch.stack(rows).to(device)
+        short_inv = self._on("short", self._short_inv_freq, device)
+        is_long = torch.tensor(
+            [length > scaling.geometry.original_max_position_embeddings for length in lengths], device=device
+        )
+        return torch.where(is_long[:, None], long_inv, short_inv)
+
+    def _dynamic_inv_freq(self, length: int) -> torch.Tensor:
+        if length not in self._dynamic_cache:
+            factors = dynamic_ntk_factors(self.scaling.geometry, self.scaling.scale, length)
+            self._dynamic_cache[length] = self._inv_freq(factors)
+        return self._dynamic_cache[length]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        device = x.device
+        positions = position_ids.float()
+        with torch.autocast(device_type=device.type if device.type != "mps" else "cpu", enabled=False):
+            inv_freq = self._row_inv_freq(position_ids, device)
+            freqs = positions[..., None] * inv_freq[:, None, :]
+            mscale: torch.Tensor | float = self.scaling.mscale
+            start_tokens = self.scaling.start_tokens
+            if start_tokens > 0:
+                # Eq. 3: the first n̂ positions keep the original angles (and, as in the official code, no mscale).
+                is_start = (position_ids < start_tokens)[..., None]
+                original = positions[..., None] * self._on("base", self._base_inv_freq, device)
+                freqs = torch.where(is_start, original, freqs)
+                mscale = torch.where(is_start, 1.0, torch.tensor(self.scaling.mscale, device=device))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos = emb.cos() * mscale
+            sin = emb.sin() * mscale
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        s = self.scaling
+        return (
+            f"method={s.method}, pairs={s.geometry.num_pairs}, original={s.geometry.original_max_position_embeddings}, "
+            f"target={s.max_position_embeddings}, start_tokens={s.start_tokens}, mscale={s.mscale:.4f}, "
+            f"selection={self.selection}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Installing into a model
+
+
+def _rope_parameters_of(config: Any) -> dict[str, Any]:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if params and all(isinstance(value, dict) for value in params.values()):
+        raise LongRopeError(
+            f"{type(config).__name__} uses a different RoPE per layer type ({', '.join(params)}): "
+            "LongRoPE installation supports models with one global RoPE"
+        )
+    return dict(params)
+
+
+def rotary_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, module) for every rotary-embedding module of a model."""
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            is_hf_rotary = type(child).__name__.endswith("RotaryEmbedding") and hasattr(child, "inv_freq")
+            if is_hf_rotary or isinstance(child, ScaledRotaryEmbedding):
+                found.append((parent, name, child))
+    return found
+
+
+def install(
+    model: nn.Module,
+    scaling: RopeScaling,
+    selection: str = "auto",
+    sequence_parallel_group: Any = None,
+) -> list[ScaledRotaryEmbedding]:
+    """Install ``scaling`` into ``model`` in place and return the installed module(s).
+
+    Calling it again on the same model swaps the factors inside the installed modules (no reload, no new modules,
+    no stale state). ``selection`` forces the long or short factors (``"long"``/``"short"``) or chooses them per
+    sequence from its global length (``"auto"``). ``sequence_parallel_group``: the process group whose ranks hold
+    shards of the same sequences; their lengths are maximised over it so every rank picks the same factors.
+    """
+    if selection not in SELECTIONS:
+        raise LongRopeError(f"selection = {selection!r} is not known: use one of {', '.join(SELECTIONS)}")
+    found = rotary_modules(model)
+    if not found:
+        raise LongRopeError(
+            f"{type(model).__name__} has no rotary embedding module (no '*RotaryEmbedding' with inv_freq): "
+            "LongRoPE applies only to RoPE models"
+        )
+    config = getattr(model, "config", None)
+    if config is not None:
+        model_geometry = RopeGeometry.from_config(config, scaling.geometry.original_max_position_embeddings)
+        _check_geometry_matches(model_geometry, scaling.geometry)
+    installed = []
+    for parent, name, module in found:
+        if isinstance(module, ScaledRotaryEmbedding):
+            module.set_scaling(scaling)
+        else:
+            module = ScaledRotaryEmbedding(scaling)
+            setattr(parent, name, module)
+        module.selection = selection
+        module.sequence_parallel_group = sequence_parallel_group
+        installed.append(module)
+    return installed
+
+
+def _check_geometry_matches(model_geometry: RopeGeometry, geometry: RopeGeometry) -> None:
+    if model_geometry.rotary_dim != geometry.rotary_dim:
+        raise LongRopeError(
+            f"the factors are for {geometry.num_pairs} frequency pairs (rotary_dim {geometry.rotary_dim}) but the "
+            f"model has {model_geometry.num_pairs} (head_dim {model_geometry.head_dim}, rotary_dim "
+            f"{model_geometry.rotary_dim}): use factors searched for this model"
+        )
+    if not math.isclose(model_geometry.rope_theta, geometry.rope_theta, rel_tol=1e-6):
+        raise LongRopeError(
+            f"the factors assume rope_theta {geometry.rope_theta:g} but the model has {model_geometry.rope_theta:g}: "
+            "use factors searched for this model"
+        )
+
+
+def select_factors(model: nn.Module, selection: str) -> None:
+    """Force the long or short factor set on every installed module (``"auto"`` restores per-sequence choice)."""
+    if selection not in SELECTIONS:
+        raise LongRopeError(f"selection = {selection!r} is not known: use one of {', '.join(SELECTIONS)}")
+    modules = installed_modules(model)
+    if not modules:
+        raise LongRopeError("no LongRoPE module is installed in this model: call longrope.rope.install first")
+    for module in modules:
+        module.selection = selection
+
+
+def installed_modules(model: nn.Module) -> list[ScaledRotaryEmbedding]:
+    return [module for module in model.modules() if isinstance(module, ScaledRotaryEmbedding)]
+
+
+def installed_scaling(model: nn.Module) -> RopeScaling | None:
+    modules = installed_modules(model)
+    return modules[0].scaling if modules else None

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random configs of every supported architecture, built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ORIGINAL_LENGTH = 64
+
+# Small enough for milliseconds per forward, large enough for 16 frequency pairs (head_dim 32).
+_COMMON = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=ORIGINAL_LENGTH,
+    attn_implementation="eager",
+)
+
+
+def tiny_config(arch: str, rope_parameters: dict | None = None, max_position_embeddings: int | None = None):
+    """A tiny random config of ``arch``; ``rope_parameters`` merges into the default (theta 10000)."""
+    import transformers
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    kwargs = dict(_COMMON)
+    if max_position_embeddings is not None:
+        kwargs["max_position_embeddings"] = max_position_embeddings
+    if arch == "llama":
+        cls = transformers.LlamaConfig
+    elif arch == "mistral":
+        cls = transformers.MistralConfig
+        kwargs["sliding_window"] = None
+    elif arch == "qwen2":
+        cls = transformers.Qwen2Config
+    elif arch == "qwen3":
+        cls = transformers.Qwen3Config
+        kwargs["head_dim"] = 32
+    elif arch == "phi3":
+        cls = transformers.Phi3Config
+        kwargs.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        # Phi-3 keeps its pre-training window in a top-level key that wins over rope_parameters.
+        kwargs["original_max_position_embeddings"] = ORIGINAL_LENGTH
+        rope["partial_rotary_factor"] = 0.5  # Phi-4-mini style: only part of each head rotates
+    elif arch == "gpt_neox":
+        cls = transformers.GPTNeoXConfig
+        kwargs.pop("num_key_value_heads")
+        rope["partial_rotary_factor"] = 0.5
+    else:
+        raise ValueError(arch)
+    rope.update(rope_parameters or {})
+    kwargs["rope_parameters"] = rope
+    return cls(**kwargs)
+
+
+def tiny_model(arch: str, seed: int = 0, **config_kwargs):
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs))
+    return model.eval()
+
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox"]
+# Stock Phi-3 configs accept only rope_type longrope, so baselines are compared on the others (GPT-NeoX covers
+# partial rotary there).
+BASELINE_ARCHITECTURES = [a for a in ARCHITECTURES if a != "phi3"]
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request) -> str:
+    return request.param

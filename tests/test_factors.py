@@ -1,0 +1,195 @@
+"""The factors file: JSON round trip, the official CSV, transformers conversion and model export."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from conftest import ORIGINAL_LENGTH, tiny_model
+
+from longrope import factors, rope
+from longrope.errors import LongRopeError
+
+TARGET = 4 * ORIGINAL_LENGTH
+GEOMETRY = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
+
+
+def sample_scaling(start_tokens: int = 0, short: bool = True) -> rope.RopeScaling:
+    long_factors = [1.0 + 0.25 * i for i in range(GEOMETRY.num_pairs)]
+    short_factors = [1.0 + 0.01 * i for i in range(GEOMETRY.num_pairs)] if short else None
+    return rope.longrope_scaling(GEOMETRY, TARGET, long_factors, short_factors, start_tokens=start_tokens)
+
+
+def test_json_round_trip_keeps_everything(tmp_path):
+    scaling = sample_scaling(start_tokens=4)
+    path = tmp_path / "out" / "factors.json"
+    factors.save(path, scaling, {"model": "tiny", "fitness": 4.01})
+    loaded = factors.load(path)
+    assert factors.is_close(loaded.scaling, scaling)
+    assert loaded.scaling.mscale_policy == "su"
+    assert loaded.provenance == {"model": "tiny", "fitness": 4.01}
+    assert len(loaded.sha256) == 64
+    assert os.listdir(path.parent) == ["factors.json"], "no temporary file may be left behind"
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "factors.json"
+    factors.save(path, sample_scaling())
+    before = path.read_text()
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", explode)
+    with pytest.raises(OSError):
+        factors.save(path, sample_scaling(start_tokens=8))
+    assert path.read_text() == before
+    assert os.listdir(tmp_path) == ["factors.json"]
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "method": "longrope",\n  "rope_theta": 10000.0,,\n}\n')
+    with pytest.raises(LongRopeError, match=r"broken.json:3:\d+: malformed JSON"):
+        factors.load(path)
+
+
+def test_missing_keys_and_bad_values_are_named(tmp_path):
+    payload = factors.to_dict(sample_scaling())
+    del payload["long_factors"], payload["head_dim"]
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(LongRopeError, match=r"missing key\(s\) head_dim, long_factors"):
+        factors.load(path)
+    payload = factors.to_dict(sample_scaling())
+    payload["long_factors"][3] = -2.0
+    path.write_text(json.dumps(payload))
+    with pytest.raises(LongRopeError, match=r"f.json: long_factors\[3\] = -2.0"):
+        factors.load(path)
+    with pytest.raises(LongRopeError, match="does not exist"):
+        factors.load(tmp_path / "nope.json")
+
+
+def test_official_csv_one_per_line_and_one_row(tmp_path):
+    values = [1.0 + 0.5 * i for i in range(GEOMETRY.num_pairs)]
+    column = tmp_path / "result_final.csv"
+    column.write_text("".join(f"{v}\n" for v in values))
+    row = tmp_path / "row.csv"
+    row.write_text(",".join(str(v) for v in values) + "\n")
+    for path in (column, row):
+        loaded = factors.load(path, geometry=GEOMETRY, target_length=TARGET)
+        assert list(loaded.scaling.long_factors) == values
+        assert loaded.scaling.start_tokens == 0
+    written = tmp_path / "written.csv"
+    factors.write_official_csv(written, loaded.scaling)
+    assert list(factors.load(written, geometry=GEOMETRY, target_length=TARGET).scaling.long_factors) == values
+
+
+def test_official_csv_with_start_token_gene(tmp_path):
+    path = tmp_path / "dim_mono_n.csv"
+    path.write_text("16\n" + "".join(f"{1.0 + i}\n" for i in range(GEOMETRY.num_pairs)))
+    loaded = factors.load(path, geometry=GEOMETRY, target_length=TARGET)
+    assert loaded.scaling.start_tokens == 16
+    assert loaded.scaling.long_factors[0] == 1.0
+
+
+def test_official_csv_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("1.0\n1.5\nabc\n")
+    with pytest.raises(LongRopeError, match=r"bad.csv:3: not a number"):
+        factors.load(path, geometry=GEOMETRY, target_length=TARGET)
+    path.write_text("".join(f"{1.0 + i}\n" for i in range(5)))
+    with pytest.raises(LongRopeError, match=r"5 factors, but the model has 16 frequency pairs"):
+        factors.load(path, geometry=GEOMETRY, target_length=TARGET)
+    per_layer = tmp_path / "layers.csv"
+    per_layer.write_text("\n".join(",".join(str(1.0 + i + layer) for i in range(16)) for layer in range(2)))
+    with pytest.raises(LongRopeError, match="per-layer factors are not supported"):
+        factors.load(per_layer, geometry=GEOMETRY, target_length=TARGET)
+
+
+def test_rope_parameters_refuse_start_tokens_unless_asked():
+    with pytest.raises(LongRopeError, match=r"start_tokens = 8: stock transformers cannot.*allow_start_tokens"):
+        factors.to_rope_parameters(sample_scaling(start_tokens=8))
+    parameters = factors.to_rope_parameters(sample_scaling(start_tokens=8), allow_start_tokens=True)
+    assert parameters["rope_type"] == "longrope"
+    assert parameters["original_max_position_embeddings"] == ORIGINAL_LENGTH
+    assert parameters["attention_factor"] == pytest.approx(sample_scaling().mscale)
+    with pytest.raises(LongRopeError, match="dynamic_ntk recomputes factors"):
+        factors.to_rope_parameters(rope.dynamic_ntk_scaling(GEOMETRY, TARGET))
+
+
+def _input_ids(length: int) -> torch.Tensor:
+    return torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("short", [True, False])
+def test_export_round_trip_loads_in_stock_transformers(arch, tmp_path, short):
+    model = tiny_model(arch)
+    geometry = rope.RopeGeometry.from_config(model.config)
+    long_factors = [1.0 + 0.3 * i for i in range(geometry.num_pairs)]
+    short_factors = [1.0 + 0.02 * i for i in range(geometry.num_pairs)] if short else None
+    scaling = rope.longrope_scaling(geometry, TARGET, long_factors, short_factors, mscale="su")
+    rope.install(model, scaling)
+    notes = factors.export_model(model, scaling, tmp_path / "exported", provenance={"model": arch})
+    assert notes == []
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", trust_remote_code=False).eval()
+    assert not rope.installed_modules(stock), "the export must load without any of our code"
+    assert stock.config.rope_parameters["rope_type"] == "longrope"
+    for length in (ORIGINAL_LENGTH // 2, 3 * ORIGINAL_LENGTH):
+        with torch.no_grad():
+            ours = model(input_ids=_input_ids(length)).logits
+            theirs = stock(input_ids=_input_ids(length)).logits
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert factors.is_close(factors.load(tmp_path / "exported" / "longrope_factors.json").scaling, scaling)
+    assert model.config.rope_parameters["rope_type"] == "default", "export must not change the live model"
+
+
+def test_export_with_start_tokens_says_what_is_lost(tmp_path):
+    model = tiny_model("llama")
+    scaling = rope.longrope_scaling(rope.RopeGeometry.from_config(model.config), TARGET, [2.0] * 16, start_tokens=4)
+    with pytest.raises(LongRopeError, match="allow_start_tokens"):
+        factors.export_model(model, scaling, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    assert [p for p in os.listdir(tmp_path) if not p.startswith(".")] == []
+    notes = factors.export_model(model, scaling, tmp_path / "lossy", allow_start_tokens=True)
+    assert len(notes) == 1 and "start_tokens = 4 dropped" in notes[0] and "positions 0..3" in notes[0]
+    saved = factors.load(tmp_path / "lossy" / "longrope_factors.json")
+    assert saved.scaling.start_tokens == 4, "the factors file inside keeps n̂ for our own loader"
+
+
+def test_export_replaces_an_existing_directory_whole(tmp_path):
+    model = tiny_model("llama")
+    geometry = rope.RopeGeometry.from_config(model.config)
+    target = tmp_path / "exported"
+    factors.export_model(model, rope.pi_scaling(geometry, TARGET), target)
+    (target / "stale.txt").write_text("from an earlier export")
+    factors.export_model(model, rope.yarn_scaling(geometry, TARGET), target)
+    assert not (target / "stale.txt").exists()
+    assert factors.load(target / "longrope_factors.json").scaling.method == "yarn"
+
+
+def test_factors_for_another_head_dim_are_refused(tmp_path):
+    model = tiny_model("phi3")  # 8 frequency pairs
+    path = tmp_path / "f.json"
+    factors.save(path, sample_scaling())  # 16 pairs
+    with pytest.raises(LongRopeError, match=r"head_dim 32 \(rotary_dim 32\) but the model has head_dim 32 \(rotary"):
+        factors.load_for_model(path, model.config)
+
+
+def test_export_command_line(tmp_path, capsys):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    path = tmp_path / "f.json"
+    scaling = rope.longrope_scaling(rope.RopeGeometry.from_config(model.config), TARGET, [2.0] * 16, start_tokens=2)
+    factors.save(path, scaling)
+    args = ["export", "--model", str(tmp_path / "base"), "--factors", str(path), "--output", str(tmp_path / "out")]
+    assert factors.main(args) == 2
+    assert "allow_start_tokens" in capsys.readouterr().err
+    assert factors.main([*args, "--allow_start_tokens"]) == 0
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert stock.config.max_position_embeddings == TARGET
+    assert factors.main(["show", "--factors", str(path)]) == 0
+    assert '"start_tokens": 2' in capsys.readouterr().out

@@ -1,0 +1,303 @@
+"""RoPE core: every method against transformers' own implementation, on every supported architecture."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import transformers
+from conftest import BASELINE_ARCHITECTURES, ORIGINAL_LENGTH, tiny_config, tiny_model
+
+from longrope import rope
+from longrope.errors import LongRopeError
+
+TARGET = 4 * ORIGINAL_LENGTH
+
+
+def logits(model, length: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def stock_twin(model, arch: str, rope_parameters: dict, max_position_embeddings: int):
+    """A stock transformers model with the same weights, configured with ``rope_parameters``."""
+    config = tiny_config(arch, rope_parameters=rope_parameters, max_position_embeddings=max_position_embeddings)
+    twin = transformers.AutoModelForCausalLM.from_config(config).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def random_factors(geometry: rope.RopeGeometry, high: float, seed: int) -> list[float]:
+    generator = torch.Generator().manual_seed(seed)
+    values = 1.0 + (high - 1.0) * torch.rand(geometry.num_pairs, generator=generator, dtype=torch.float64)
+    return sorted(values.tolist())
+
+
+def test_identity_factors_leave_the_model_unchanged(arch):
+    model = tiny_model(arch)
+    before = logits(model, 3 * ORIGINAL_LENGTH)
+    geometry = rope.RopeGeometry.from_config(model.config)
+    scaling = rope.longrope_scaling(geometry, TARGET, [1.0] * geometry.num_pairs, mscale=1.0)
+    rope.install(model, scaling)
+    assert torch.equal(logits(model, 3 * ORIGINAL_LENGTH), before)
+    rope.install(model, rope.none_scaling(geometry))
+    assert torch.equal(logits(model, 3 * ORIGINAL_LENGTH), before)
+
+
+@pytest.mark.parametrize("length", [ORIGINAL_LENGTH // 2, ORIGINAL_LENGTH, 3 * ORIGINAL_LENGTH])
+def test_longrope_matches_stock_transformers(arch, length):
+    model = tiny_model(arch)
+    geometry = rope.RopeGeometry.from_config(model.config)
+    long_factors = random_factors(geometry, 6.0, seed=2)
+    short_factors = random_factors(geometry, 1.5, seed=3)
+    scaling = rope.longrope_scaling(geometry, TARGET, long_factors, short_factors, mscale="su")
+    twin = stock_twin(
+        model,
+        arch,
+        {
+            "rope_type": "longrope",
+            "long_factor": long_factors,
+            "short_factor": short_factors,
+            "original_max_position_embeddings": ORIGINAL_LENGTH,
+        },
+        TARGET,
+    )
+    expected = logits(twin, length)
+    rope.install(model, scaling)
+    torch.testing.assert_close(logits(model, length), expected, atol=1e-5, rtol=0)
+    # The attention factor of both is the `su` policy.
+    assert math.isclose(scaling.mscale, math.sqrt(1 + math.log(4) / math.log(ORIGINAL_LENGTH)))
+
+
+@pytest.mark.parametrize(
+    ("method", "rope_parameters", "stock_max_positions"),
+    [
+        ("pi", {"rope_type": "linear", "factor": 4.0}, TARGET),
+        ("yarn", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL_LENGTH}, TARGET),
+        ("dynamic_ntk", {"rope_type": "dynamic", "factor": 4.0}, ORIGINAL_LENGTH),
+    ],
+)
+@pytest.mark.parametrize("length", [ORIGINAL_LENGTH, 3 * ORIGINAL_LENGTH])
+@pytest.mark.parametrize("arch", BASELINE_ARCHITECTURES)
+def test_baselines_match_stock_transformers(arch, method, rope_parameters, stock_max_positions, length):
+    model = tiny_model(arch)
+    twin = stock_twin(model, arch, rope_parameters, stock_max_positions)
+    expected = logits(twin, length)
+    geometry = rope.RopeGeometry.from_config(model.config)
+    mscale = "yarn" if method == "yarn" else None
+    rope.install(model, rope.build_scaling(method, geometry, TARGET, mscale=mscale))
+    torch.testing.assert_close(logits(model, length), expected, atol=1e-5, rtol=0)
+
+
+def test_ntk_is_the_ntk_aware_base_change():
+    geometry = rope.RopeGeometry(10000.0, 32, 32, 64)
+    scaling = rope.ntk_scaling(geometry, 512)
+    new_base = 10000.0 * 8 ** (32 / 30)
+    expected = [(new_base / 10000.0) ** (2 * i / 32) for i in range(16)]
+    assert scaling.long_factors[0] == pytest.approx(1.0)
+    assert list(scaling.long_factors) == pytest.approx(expected, rel=1e-5)
+
+
+def test_pi_and_yarn_factor_shapes():
+    geometry = rope.RopeGeometry(10000.0, 64, 64, 256)
+    pi = rope.pi_scaling(geometry, 2048)
+    assert pi.long_factors == pytest.approx((8.0,) * 32)
+    yarn = rope.yarn_scaling(geometry, 2048)
+    # YaRN extrapolates the fastest pairs, interpolates the slowest, and is monotone in between.
+    assert yarn.long_factors[0] == pytest.approx(1.0)
+    assert yarn.long_factors[-1] == pytest.approx(8.0)
+    assert all(a <= b + 1e-9 for a, b in zip(yarn.long_factors, yarn.long_factors[1:]))
+    assert yarn.mscale == pytest.approx(0.1 * math.log(8) + 1)
+
+
+def eq3_cos_sin(geometry, factors, start_tokens, mscale, positions):
+    """Eq. 3 of the paper, written directly: angle = n θ_i for n < n̂, n θ_i / λ_i otherwise."""
+    cos_rows, sin_rows = [], []
+    for n in positions:
+        angles = []
+        for i in range(geometry.num_pairs):
+            theta = geometry.rope_theta ** (-2 * i / geometry.rotary_dim)
+            angles.append(n * theta if n < start_tokens else n * theta / factors[i])
+        angles = angles + angles
+        scale = 1.0 if n < start_tokens else mscale
+        cos_rows.append([scale * math.cos(a) for a in angles])
+        sin_rows.append([scale * math.sin(a) for a in angles])
+    return torch.tensor(cos_rows, dtype=torch.float64), torch.tensor(sin_rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("start_tokens", [0, 4, 16])
+def test_start_tokens_follow_equation_3(start_tokens):
+    geometry = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
+    factors = random_factors(geometry, 8.0, seed=5)
+    scaling = rope.longrope_scaling(geometry, TARGET, factors, start_tokens=start_tokens, mscale="su")
+    module = rope.ScaledRotaryEmbedding(scaling)
+    positions = list(range(3 * ORIGINAL_LENGTH))
+    cos, sin = module(torch.zeros(1, dtype=torch.float32), torch.tensor([positions]))
+    expected_cos, expected_sin = eq3_cos_sin(geometry, factors, start_tokens, scaling.mscale, positions)
+    torch.testing.assert_close(cos[0].double(), expected_cos, atol=2e-5, rtol=0)
+    torch.testing.assert_close(sin[0].double(), expected_sin, atol=2e-5, rtol=0)
+
+
+def test_start_tokens_change_the_model_only_when_nonzero():
+    model = tiny_model("llama")
+    geometry = rope.RopeGeometry.from_config(model.config)
+    factors = random_factors(geometry, 8.0, seed=6)
+    rope.install(model, rope.longrope_scaling(geometry, TARGET, factors, start_tokens=0))
+    without = logits(model, 2 * ORIGINAL_LENGTH)
+    rope.install(model, rope.longrope_scaling(geometry, TARGET, factors, start_tokens=8))
+    with_start = logits(model, 2 * ORIGINAL_LENGTH)
+    assert not torch.allclose(without, with_start)
+
+
+def test_switching_factors_100_times_leaves_no_stale_state():
+    model = tiny_model("qwen3")
+    geometry = rope.RopeGeometry.from_config(model.config)
+    modules_before = None
+    for step in range(100):
+        factors = random_factors(geometry, 2.0 + step % 7, seed=step)
+        short = random_factors(geometry, 1.2, seed=1000 + step) if step % 2 else None
+        scaling = rope.longrope_scaling(geometry, TARGET, factors, short, start_tokens=step % 3, mscale="su")
+        installed = rope.install(model, scaling, selection=("auto", "long")[step % 2])
+        if step % 10 == 0:
+            logits(model, 2 * ORIGINAL_LENGTH)  # exercise the caches between switches
+        if modules_before is None:
+            modules_before = [id(m) for m in installed]
+        assert [id(m) for m in installed] == modules_before, "switching must reuse the installed modules"
+    final = logits(model, 2 * ORIGINAL_LENGTH)
+    fresh = tiny_model("qwen3")
+    rope.install(fresh, scaling)
+    assert torch.equal(final, logits(fresh, 2 * ORIGINAL_LENGTH))
+
+
+def test_selection_per_sequence_and_forced():
+    geometry = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
+    long_factors = [4.0] * 16
+    short_factors = [1.0] * 16
+    module = rope.ScaledRotaryEmbedding(
+        rope.longrope_scaling(geometry, TARGET, long_factors, short_factors, mscale=1.0)
+    )
+    x = torch.zeros(1)
+    # Two packed sequences in one batch: one short, one long. Each gets its own factor set.
+    position_ids = torch.stack(
+        [torch.arange(2 * ORIGINAL_LENGTH) % ORIGINAL_LENGTH, torch.arange(2 * ORIGINAL_LENGTH)]
+    )
+    cos, _ = module(x, position_ids)
+    plain = rope.ScaledRotaryEmbedding(rope.none_scaling(geometry))
+    long_only = rope.ScaledRotaryEmbedding(rope.longrope_scaling(geometry, TARGET, long_factors, mscale=1.0))
+    torch.testing.assert_close(cos[0], plain(x, position_ids[:1])[0][0])
+    torch.testing.assert_close(cos[1], long_only(x, position_ids[1:])[0][0])
+    module.selection = "long"
+    torch.testing.assert_close(module(x, position_ids)[0][0], long_only(x, position_ids[:1])[0][0])
+
+
+def test_precision_stays_fp32_after_casting_the_model():
+    model = tiny_model("llama")
+    geometry = rope.RopeGeometry.from_config(model.config)
+    rope.install(model, rope.pi_scaling(geometry, TARGET))
+    module = rope.installed_modules(model)[0]
+    reference, _ = module(torch.zeros(1), torch.arange(TARGET)[None])
+    model.to(torch.bfloat16)
+    cos, _ = module(torch.zeros(1, dtype=torch.bfloat16), torch.arange(TARGET)[None])
+    assert cos.dtype == torch.bfloat16
+    # Only the final cast rounds: the angles themselves were computed in fp32.
+    torch.testing.assert_close(cos.float(), reference, atol=8e-3, rtol=0)
+
+
+def _sharded_worker(rank: int, world_size: int, port: int, results):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    geometry = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
+    scaling = rope.longrope_scaling(geometry, TARGET, [4.0] * 16, [1.0] * 16, mscale="su")
+    module = rope.ScaledRotaryEmbedding(scaling)
+    module.sequence_parallel_group = torch.distributed.group.WORLD
+    # A sequence of 1.5x the original window split in two shards: rank 0 alone would look "short".
+    full = torch.arange(ORIGINAL_LENGTH * 3 // 2)[None]
+    shard = full.chunk(world_size, dim=-1)[rank]
+    cos, _ = module(torch.zeros(1), shard)
+    results[rank] = cos
+    torch.distributed.destroy_process_group()
+
+
+def test_sequence_parallel_shards_choose_the_same_factors():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_sharded_worker, args=(2, port, results), nprocs=2, join=True)
+    geometry = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
+    reference = rope.ScaledRotaryEmbedding(rope.longrope_scaling(geometry, TARGET, [4.0] * 16, [1.0] * 16))
+    full_cos, _ = reference(torch.zeros(1), torch.arange(ORIGINAL_LENGTH * 3 // 2)[None])
+    torch.testing.assert_close(torch.cat([results[0], results[1]], dim=1), full_cos)
+    # Without the group, rank 0's shard (positions < original length) would have picked the short factors.
+    local = copy.deepcopy(reference)
+    local_cos, _ = local(torch.zeros(1), torch.arange(ORIGINAL_LENGTH * 3 // 4)[None])
+    assert not torch.allclose(local_cos, results[0])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, naming the field and the fix
+
+
+def test_wrong_number_of_factors_names_both_numbers():
+    model = tiny_model("phi3")
+    geometry = rope.RopeGeometry.from_config(model.config)
+    assert geometry.num_pairs == 8  # head_dim 32, partial_rotary_factor 0.5
+    wrong = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
+    with pytest.raises(LongRopeError, match=r"16 frequency pairs.*has 8"):
+        rope.install(model, rope.longrope_scaling(wrong, TARGET, [2.0] * 16))
+    with pytest.raises(LongRopeError, match=r"long_factors has 3 values.*8 frequency pairs"):
+        rope.longrope_scaling(geometry, TARGET, [2.0] * 3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0])
+def test_non_finite_or_non_positive_factors(bad):
+    geometry = rope.RopeGeometry(10000.0, 8, 8, ORIGINAL_LENGTH)
+    with pytest.raises(LongRopeError, match=r"long_factors\[2\].*finite number > 0"):
+        rope.longrope_scaling(geometry, TARGET, [1.0, 1.0, bad, 2.0])
+
+
+def test_negative_start_tokens_and_short_target():
+    geometry = rope.RopeGeometry(10000.0, 8, 8, ORIGINAL_LENGTH)
+    with pytest.raises(LongRopeError, match="start_tokens must be an integer >= 0"):
+        rope.longrope_scaling(geometry, TARGET, [1.0] * 4, start_tokens=-1)
+    with pytest.raises(LongRopeError, match=r"target_length = 64 must be larger than the original length 64"):
+        rope.pi_scaling(geometry, ORIGINAL_LENGTH)
+
+
+def test_unknown_method_lists_known_ones():
+    geometry = rope.RopeGeometry(10000.0, 8, 8, ORIGINAL_LENGTH)
+    with pytest.raises(LongRopeError, match=r"'su' is not known: use one of none, pi, ntk, dynamic_ntk, yarn"):
+        rope.build_scaling("su", geometry, TARGET)
+    with pytest.raises(LongRopeError, match="mscale = 'cold' is not known"):
+        rope.pi_scaling(geometry, TARGET, mscale="cold")
+
+
+def test_model_without_rope_is_refused():
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config)
+    geometry = rope.RopeGeometry(10000.0, 16, 16, 64)
+    with pytest.raises(LongRopeError, match="no rotary embedding module"):
+        rope.install(model, rope.pi_scaling(geometry, 256))
+
+
+def test_error_messages_are_one_line():
+    geometry = rope.RopeGeometry(10000.0, 8, 8, ORIGINAL_LENGTH)
+    for call in (
+        lambda: rope.longrope_scaling(geometry, TARGET, [1.0] * 3),
+        lambda: rope.build_scaling("nope", geometry, TARGET),
+        lambda: rope.pi_scaling(geometry, 10),
+    ):
+        with pytest.raises(LongRopeError) as info:
+            call()
+        assert os.linesep not in str(info.value) and "\n" not in str(info.value)
