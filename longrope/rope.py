@@ -405,6 +405,9 @@ class ScaledRotaryEmbedding(nn.Module):
         """Global length of each sequence: largest position id + 1, maximised over the sequence-parallel group."""
         lengths = position_ids.amax(dim=-1) + 1
         group = self.sequence_parallel_group
+        if callable(group):
+            # A provider: the group may only exist once the trainer has set up sequence parallelism.
+            group = group()
         if group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             lengths = lengths.clone()
             torch.distributed.all_reduce(lengths, op=torch.distributed.ReduceOp.MAX, group=group)
@@ -502,7 +505,8 @@ def install(
     Calling it again on the same model swaps the factors inside the installed modules (no reload, no new modules,
     no stale state). ``selection`` forces the long or short factors (``"long"``/``"short"``) or chooses them per
     sequence from its global length (``"auto"``). ``sequence_parallel_group``: the process group whose ranks hold
-    shards of the same sequences; their lengths are maximised over it so every rank picks the same factors.
+    shards of the same sequences, or a zero-argument callable returning it (or None) at forward time; sequence
+    lengths are maximised over it so every rank picks the same factors.
     """
     if selection not in SELECTIONS:
         raise LongRopeError(f"selection = {selection!r} is not known: use one of {', '.join(SELECTIONS)}")

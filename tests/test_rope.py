@@ -215,7 +215,8 @@ def _sharded_worker(rank: int, world_size: int, port: int, results):
     geometry = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
     scaling = rope.longrope_scaling(geometry, TARGET, [4.0] * 16, [1.0] * 16, mscale="su")
     module = rope.ScaledRotaryEmbedding(scaling)
-    module.sequence_parallel_group = torch.distributed.group.WORLD
+    # A provider, as train.py passes it: the trainer creates the sequence-parallel group only after install.
+    module.sequence_parallel_group = lambda: torch.distributed.group.WORLD
     # A sequence of 1.5x the original window split in two shards: rank 0 alone would look "short".
     full = torch.arange(ORIGINAL_LENGTH * 3 // 2)[None]
     shard = full.chunk(world_size, dim=-1)[rank]
