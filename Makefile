@@ -16,6 +16,7 @@ $(PY):
 $(STAMP): requirements.txt | $(PY)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-build-isolation -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
