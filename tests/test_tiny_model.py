@@ -1,0 +1,64 @@
+"""The committed tiny model (models/tiny): loads in stock transformers and is good at its training length."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from longrope import data
+
+TINY = Path(__file__).resolve().parents[1] / "models" / "tiny"
+TRAINING_LENGTH = 256
+MAX_PERPLEXITY_PER_BYTE = 4.0
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = TINY / "model.safetensors"
+    assert weights.is_file(), f"{weights} is missing: pretrain with configs/tiny/pretrain.yaml and copy it there"
+    model = AutoModelForCausalLM.from_pretrained(TINY, trust_remote_code=False).eval()
+    return model, AutoTokenizer.from_pretrained(TINY)
+
+
+def test_committed_model_is_a_small_stock_llama_at_256(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    config = model.config
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert config.max_position_embeddings == TRAINING_LENGTH
+    assert config.head_dim == 64 and config.rope_parameters["rope_type"] == "default"
+    assert config.vocab_size == len(tokenizer) == 259
+    assert (config.bos_token_id, config.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert (TINY / "model.safetensors").stat().st_size <= 20 * 2**20
+
+
+def test_heldout_perplexity_at_the_training_length(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    windows = torch.from_numpy(data.heldout_windows(tokenizer, TRAINING_LENGTH, num_windows=64)).long()
+    assert windows.shape == (64, TRAINING_LENGTH) and (windows[:, 0] == tokenizer.bos_token_id).all()
+    assert (windows[:, 1:] != tokenizer.bos_token_id).all() and (windows[:, 1:] <= tokenizer.eos_token_id).all()
+    with torch.no_grad():
+        loss = model(input_ids=windows, labels=windows).loss.item()
+    perplexity = math.exp(loss)
+    assert perplexity <= MAX_PERPLEXITY_PER_BYTE, f"held-out perplexity {perplexity:.3f} per byte"
+    # A model that learned nothing scores ~259; a broken position encoding lands far above the bound too.
+    assert perplexity > 1.0
+
+
+def test_heldout_windows_are_consecutive_slices_of_the_test_split():
+    tokenizer = data.build_byte_tokenizer()
+    windows = data.heldout_windows(tokenizer, 64, num_windows=None)
+    stream: list[int] = []
+    for document in data.stdlib_documents(splits=["test"]):
+        stream += [*document.text.encode("utf-8"), tokenizer.eos_token_id]
+    bodies = windows[:, 1:].reshape(-1).tolist()
+    assert bodies == stream[: len(bodies)] and len(stream) - len(bodies) < 63
+    assert (windows[:, 0] == tokenizer.bos_token_id).all()
+    chosen = np.linspace(0, len(windows) - 1, 5).round().astype(int)
+    assert data.heldout_windows(tokenizer, 64, num_windows=5).tolist() == windows[chosen].tolist()
