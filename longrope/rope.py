@@ -197,7 +197,10 @@ def _transformers_inv_freq(
 
 
 def _factors_from_inv_freq(geometry: RopeGeometry, inv_freq: torch.Tensor) -> tuple[float, ...]:
-    return tuple((geometry.base_inv_freq().double() / inv_freq.double()).tolist())
+    # transformers computes in fp32 (~6e-8 relative); keeping 6 significant digits removes that noise (PI's λ = s
+    # exactly) without moving any factor by more than fp32 itself does.
+    ratios = geometry.base_inv_freq().double() / inv_freq.double()
+    return tuple(float(f"{value:.6g}") for value in ratios.tolist())
 
 
 def none_scaling(geometry: RopeGeometry, target_length: int | None = None, **_: Any) -> RopeScaling:

@@ -1,0 +1,143 @@
+"""Search cost: the paper's Algorithm 1 (`mode: paper`) vs the default (`mode: fast`), same model, data and seeds.
+
+For each seed, the paper mode runs to the end; the fast mode runs until its best fitness reaches the paper mode's
+final fitness (it may use up to --extra_generations more generations). Reported: evaluated tokens and wall time until
+then, their ratios, and the median over seeds. Target: fast <= 1/3 of the paper mode's evaluated tokens.
+
+    python -m data.prepare --config configs/tiny/data_search.yaml
+    python -m benchmarks.search_efficiency                       # tiny model, 256 -> 2048, 3 seeds
+    python -m benchmarks.search_efficiency --seeds 0 --generations 6 --population 16   # a quick look
+
+Writes benchmarks/results/search_efficiency.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from longrope.args import ModelArguments  # noqa: E402
+from longrope.io import atomic_write_json, atomic_write_text  # noqa: E402
+from longrope.modeling import load_for_evaluation  # noqa: E402
+from longrope.searcher import SearchArguments, run_search  # noqa: E402
+
+
+def run(model, mode: str, seed: int, args: argparse.Namespace, generations: int, output_dir: str) -> dict:
+    evolution = {
+        "mode": mode,
+        "seed": seed,
+        "population_size": args.population,
+        "num_mutations": args.population // 4,
+        "num_crossovers": args.population // 4,
+        "num_parents": args.population // 2,
+        "num_generations": generations,
+    }
+    search_args = SearchArguments(
+        target_length=args.target_length,
+        documents_path=args.documents_path,
+        num_samples=args.samples,
+        evolution=evolution,
+        output_dir=output_dir,
+    )
+    started = time.perf_counter()
+    summary = run_search(model, search_args, progress=False)
+    seconds = time.perf_counter() - started
+    log = json.loads((Path(output_dir) / "generations.json").read_text())["generations"]
+    return {"summary": summary, "seconds": seconds, "log": log}
+
+
+def crossing(log: list[dict], target: float, tolerance: float) -> dict | None:
+    """The first generation whose best fitness is within ``tolerance`` (relative) of ``target``."""
+    elapsed = 0.0
+    for entry in log:
+        elapsed += entry["seconds"]
+        if entry["best_fitness"] <= target * (1 + tolerance):
+            return {"generation": entry["generation"], "tokens": entry["total_tokens"], "seconds": elapsed}
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(ROOT / "models" / "tiny"))
+    parser.add_argument("--documents_path", default=str(ROOT / "data" / "tiny" / "corpus" / "search-long"))
+    parser.add_argument("--target_length", type=int, default=2048)
+    parser.add_argument("--samples", type=int, default=5)
+    parser.add_argument("--population", type=int, default=32)
+    parser.add_argument("--generations", type=int, default=15)
+    parser.add_argument("--extra_generations", type=int, default=15)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tolerance", type=float, default=0.0, help="relative slack on the paper's final fitness")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "search_efficiency"))
+    args = parser.parse_args(argv)
+
+    model = load_for_evaluation(ModelArguments(model_name_or_path=args.model))
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in args.seeds:
+            paper = run(model, "paper", seed, args, args.generations, f"{scratch}/paper-{seed}")
+            target = paper["summary"]["best_fitness"]
+            fast = run(model, "fast", seed, args, args.generations + args.extra_generations, f"{scratch}/fast-{seed}")
+            reached = crossing(fast["log"], target, args.tolerance)
+            paper_tokens = paper["summary"]["evaluated_tokens"]
+            row = {
+                "seed": seed,
+                "paper_fitness": target,
+                "paper_tokens": paper_tokens,
+                "paper_seconds": round(paper["seconds"], 1),
+                "fast_final_fitness": fast["summary"]["best_fitness"],
+                "fast_reached": reached is not None,
+                "fast_tokens_to_reach": reached["tokens"] if reached else None,
+                "fast_seconds_to_reach": round(reached["seconds"], 1) if reached else None,
+                "token_ratio": reached["tokens"] / paper_tokens if reached else None,
+                "time_ratio": reached["seconds"] / paper["seconds"] if reached else None,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    ratios = [r["token_ratio"] for r in rows if r["token_ratio"] is not None]
+    times = [r["time_ratio"] for r in rows if r["time_ratio"] is not None]
+    result = {
+        "setup": vars(args),
+        "rows": rows,
+        "median_token_ratio": statistics.median(ratios) if len(ratios) == len(rows) else None,
+        "median_time_ratio": statistics.median(times) if len(times) == len(rows) else None,
+        "target": "fast reaches the paper mode's final fitness with <= 1/3 of its evaluated tokens (median)",
+    }
+    met = result["median_token_ratio"] is not None and result["median_token_ratio"] <= 1 / 3
+    result["target_met"] = met
+    lines = [
+        "# Search cost: paper mode vs fast mode (default)",
+        "",
+        f"Model `{args.model}`, target {args.target_length}, {args.samples} samples, population {args.population}, "
+        f"{args.generations} generations (fast may run {args.extra_generations} more).",
+        "",
+        "| seed | paper final PPL | paper tokens | paper s | fast tokens to reach | fast s to reach | token ratio | time ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fmt = lambda v, spec: "not reached" if v is None else format(v, spec)  # noqa: E731
+        lines.append(
+            f"| {r['seed']} | {r['paper_fitness']:.4f} | {r['paper_tokens']:,} | {r['paper_seconds']} | "
+            f"{fmt(r['fast_tokens_to_reach'], ',')} | {fmt(r['fast_seconds_to_reach'], '')} | "
+            f"{fmt(r['token_ratio'], '.3f')} | {fmt(r['time_ratio'], '.3f')} |"
+        )
+    lines += [
+        "",
+        f"Median token ratio: {result['median_token_ratio']}; median time ratio: {result['median_time_ratio']}. "
+        f"Target (<= 0.333 tokens): {'MET' if met else 'NOT MET'}.",
+    ]
+    atomic_write_json(f"{args.output}.json", result)
+    atomic_write_text(f"{args.output}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()

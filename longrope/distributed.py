@@ -1,0 +1,77 @@
+"""torch.distributed helpers shared by the scripts: works alone, under ``torchrun`` and ``accelerate launch``.
+
+search.py and evaluate.py use plain process groups (gloo on CPU, nccl on GPUs); train.py lets accelerate set them up.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def launched_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun/accelerate describe in the environment (no-op for a single process)."""
+    if not launched_distributed() or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (the value itself when alone)."""
+    if world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value: Any, source: int = 0) -> Any:
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=source)
+    return box[0]
+
+
+def device_for_rank(gpus_per_process: int = 1) -> torch.device:
+    """The first device this process evaluates on (its group of ``gpus_per_process`` GPUs starts there)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() * gpus_per_process)
+    return torch.device("cpu")

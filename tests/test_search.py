@@ -1,0 +1,280 @@
+"""search.py on a tiny random model: outputs, stages, 2 evaluators, SIGKILL + resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import search
+from longrope import factors, rope
+from longrope.errors import LongRopeError
+from longrope.searcher import SearchArguments, plan_stage, stretch_factors
+
+ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL = 64
+SMALL_EVOLUTION = {
+    "population_size": 8,
+    "num_mutations": 4,
+    "num_crossovers": 4,
+    "num_parents": 4,
+    "num_generations": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random Llama (window 64) and a documents dataset with a few long documents."""
+    import datasets
+    import transformers
+
+    from longrope.data import save_dataset_atomically
+
+    root = tmp_path_factory.mktemp("search_world")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=ORIGINAL,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
+    generator = torch.Generator().manual_seed(1)
+    # Structured text (a repeating pattern with noise) so positions matter to the model's loss.
+    docs = []
+    for n in (300, 600, 700, 800, 200, 900):
+        pattern = torch.randint(3, 64, (17,), generator=generator)
+        doc = pattern.repeat(n // 17 + 1)[:n]
+        noise = torch.rand(n, generator=generator) < 0.1
+        doc[noise] = torch.randint(3, 64, (int(noise.sum()),), generator=generator)
+        docs.append(doc.tolist())
+    dataset = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": docs})})
+    save_dataset_atomically(dataset, root / "docs", {"documents": len(docs)})
+    return root
+
+
+def write_config(world, tmp_path, **overrides) -> Path:
+    config = {
+        "model_name_or_path": str(world / "model"),
+        "target_length": 4 * ORIGINAL,
+        "documents_path": str(world / "docs"),
+        "num_samples": 3,
+        "output_dir": str(tmp_path / "out"),
+        "evolution": dict(SMALL_EVOLUTION),
+    }
+    config.update(overrides)
+    path = tmp_path / "search.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_search_writes_factors_that_beat_its_seeds(world, tmp_path):
+    summary = search.main(["--config", str(write_config(world, tmp_path))])
+    out = tmp_path / "out"
+    for name in ("factors.json", "result_final.csv", "generations.json", "search_state.json", "factors.png"):
+        assert (out / name).exists(), name
+    loaded = factors.load(out / "factors.json")
+    long_factors = loaded.scaling.long_factors
+    assert all(a <= b for a, b in zip(long_factors, long_factors[1:])), "monotone non-decreasing"
+    assert loaded.scaling.max_position_embeddings == 4 * ORIGINAL
+    assert set(summary["seed_fitness"]) == {"pi", "ntk", "yarn"}
+    assert summary["best_fitness"] <= min(summary["seed_fitness"].values())
+    provenance = loaded.provenance
+    assert provenance["fitness"] == summary["best_fitness"] and len(provenance["samples_sha256"]) == 64
+    assert provenance["settings"]["population_size"] == 8
+    report = json.loads((out / "generations.json").read_text())
+    assert [g["generation"] for g in report["generations"]] == [0, 1, 2, 3]
+    assert report["generations"][0]["population"][0]["origin"] == "seed:pi"
+    csv_values = [float(line) for line in (out / "result_final.csv").read_text().split()]
+    assert csv_values == pytest.approx(list(long_factors))
+    # The fitness is the perplexity of the model with those factors on the samples: recompute it independently.
+    from longrope.documents import select_documents
+
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(world / "model").eval()
+    rope.install(model, loaded.scaling)
+    samples, _ = select_documents(str(world / "docs"), 4 * ORIGINAL, 3, 0)
+    with torch.no_grad():
+        losses = [model(torch.tensor([s]), labels=torch.tensor([s])).loss.item() for s in samples]
+    assert math.exp(sum(losses) / len(losses)) == pytest.approx(summary["best_fitness"], rel=1e-4)
+
+
+def _run(args: list[str], env_extra: dict | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+@pytest.mark.distributed
+def test_two_evaluators_give_the_result_of_one(world, tmp_path):
+    single = write_config(world, tmp_path / "one", output_dir=str(tmp_path / "one" / "out"))
+    double = write_config(world, tmp_path / "two", output_dir=str(tmp_path / "two" / "out"))
+    one = _run([sys.executable, "search.py", "--config", str(single)])
+    two = _run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "search.py", "--config", str(double)]
+    )
+    for process in (one, two):
+        output = process.communicate(timeout=600)[0].decode()
+        assert process.returncode == 0, output[-3000:]
+    a = factors.load(tmp_path / "one" / "out" / "factors.json")
+    b = factors.load(tmp_path / "two" / "out" / "factors.json")
+    assert a.scaling.long_factors == b.scaling.long_factors
+    assert a.provenance["fitness"] == b.provenance["fitness"]
+    history_a = json.loads((tmp_path / "one" / "out" / "generations.json").read_text())
+    history_b = json.loads((tmp_path / "two" / "out" / "generations.json").read_text())
+    assert [g["population"] for g in history_a["generations"]] == [g["population"] for g in history_b["generations"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["paper", "fast"])
+def test_sigkill_and_resume_give_the_uninterrupted_factors(world, tmp_path, mode):
+    evolution = {**SMALL_EVOLUTION, "num_generations": 6, "mode": mode}
+    reference_cfg = write_config(
+        world, tmp_path / "ref", output_dir=str(tmp_path / "ref" / "out"), evolution=evolution
+    )
+    killed_cfg = write_config(world, tmp_path / "kill", output_dir=str(tmp_path / "kill" / "out"), evolution=evolution)
+    reference = _run([sys.executable, "search.py", "--config", str(reference_cfg)])
+    assert reference.wait(timeout=600) == 0, reference.stdout.read().decode()[-2000:]
+
+    state = tmp_path / "kill" / "out" / "search_state.json"
+    kills = 0
+    for attempt in range(12):
+        process = _run([sys.executable, "search.py", "--config", str(killed_cfg), "--resume", "true"])
+        # Let it make progress, then kill it hard at a point that moves with each attempt.
+        deadline = time.time() + 60
+        before = json.loads(state.read_text())["evolution"]["generation"] if state.exists() else -1
+        while time.time() < deadline and process.poll() is None:
+            now = json.loads(state.read_text())["evolution"]["generation"] if state.exists() else -1
+            if now > before:
+                time.sleep(0.05 * (attempt % 4))
+                break
+            time.sleep(0.02)
+        if process.poll() is not None:
+            break
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        kills += 1
+    else:
+        pytest.fail("the killed search never finished")
+    assert process.returncode == 0, process.stdout.read().decode()[-2000:]
+    assert kills >= 2, "the test must really kill the search mid-run"
+    a = factors.load(tmp_path / "ref" / "out" / "factors.json")
+    b = factors.load(tmp_path / "kill" / "out" / "factors.json")
+    assert a.scaling.long_factors == b.scaling.long_factors
+    assert a.provenance["fitness"] == b.provenance["fitness"]
+
+
+def test_second_stage_is_seeded_with_stretched_factors(world, tmp_path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(world / "model")
+    geometry = rope.RopeGeometry.from_config(model.config)
+    first = rope.longrope_scaling(geometry, 4 * ORIGINAL, [1.0 + 0.2 * i for i in range(16)])
+    path = tmp_path / "first.json"
+    factors.save(path, first)
+    args = SearchArguments(
+        stage="second", target_length=8 * ORIGINAL, documents_path="x", factors_path=str(path), evolution={}
+    )
+    plan = plan_stage(args, model.config)
+    stretched = plan.seeds["finetuned_stretched"].factors
+    assert stretched == pytest.approx(stretch_factors(first.long_factors, 4.0, 8.0))
+    assert stretched[0] == pytest.approx(1.0) and stretched[-1] == pytest.approx(1 + 3.0 * 7 / 3)
+    assert {"pi", "ntk", "yarn"} <= set(plan.seeds) and plan.scale == 8.0
+    with pytest.raises(LongRopeError, match="the second stage starts from the fine-tuned model's factors"):
+        plan_stage(SearchArguments(stage="second", target_length=512, documents_path="x", evolution={}), model.config)
+
+
+def test_short_stage_writes_short_factors_beside_the_long_ones(world, tmp_path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(world / "model")
+    geometry = rope.RopeGeometry.from_config(model.config)
+    long_scaling = rope.longrope_scaling(geometry, 8 * ORIGINAL, [1.0 + 0.45 * i for i in range(16)])
+    path = tmp_path / "long.json"
+    factors.save(path, long_scaling)
+    config = write_config(world, tmp_path, stage="short", target_length=ORIGINAL, factors_path=str(path))
+    search.main(["--config", str(config)])
+    result = factors.load(tmp_path / "out" / "factors.json").scaling
+    assert result.long_factors == long_scaling.long_factors
+    assert result.max_position_embeddings == 8 * ORIGINAL
+    assert result.short_factors is not None and max(result.short_factors) <= max(1.25, 0.25 * 8) + 1e-9
+    with pytest.raises(LongRopeError, match="beyond the original window 64"):
+        search.main(
+            [
+                "--config",
+                str(
+                    write_config(
+                        world,
+                        tmp_path,
+                        stage="short",
+                        target_length=128,
+                        factors_path=str(path),
+                        output_dir=str(tmp_path / "o2"),
+                    )
+                ),
+            ]
+        )
+
+
+def test_non_finite_fitness_is_recorded_as_inf_and_the_search_goes_on(world, tmp_path, monkeypatch):
+    from longrope import searcher
+
+    original = searcher.Fitness.sample_nll
+    calls = {"n": 0}
+
+    def sometimes_nan(self, index):
+        calls["n"] += 1
+        return float("nan") if calls["n"] % 5 == 0 else original(self, index)
+
+    monkeypatch.setattr(searcher.Fitness, "sample_nll", sometimes_nan)
+    summary = search.main(["--config", str(write_config(world, tmp_path))])
+    report = json.loads((tmp_path / "out" / "generations.json").read_text())
+    fitnesses = [p["fitness"] for g in report["generations"] for p in g["population"]]
+    assert math.inf in fitnesses
+    assert math.isfinite(summary["best_fitness"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"target_length": ORIGINAL}, "target_length: 64 must be larger than the original length 64"),
+        ({"num_samples": 6}, r"5 documents have >= 256 tokens, 6 needed \(longest: 900\)"),
+        ({"target_length": 2000}, r"0 documents have >= 2000 tokens, 3 needed \(longest: 900\)"),
+        ({"evolution": {"rotary_dim": 8}}, "evolution.rotary_dim: derived from the model"),
+        (
+            {"evolution": {**SMALL_EVOLUTION, "variant": "lambda_start", "start_token_choices": [0, 4, 300]}},
+            "300 start tokens is not below the sample length 256",
+        ),
+        ({"mscale": "hot"}, "mscale = 'hot' is not known"),
+        ({"stage": "third"}, "stage: 'third' is not one of first, second, short"),
+    ],
+)
+def test_bad_input_is_one_line(world, tmp_path, overrides, message):
+    with pytest.raises(LongRopeError, match=message) as info:
+        search.main(["--config", str(write_config(world, tmp_path, **overrides))])
+    assert "\n" not in str(info.value)
+
+
+def test_resume_refuses_a_different_config(world, tmp_path):
+    search.main(["--config", str(write_config(world, tmp_path))])
+    with pytest.raises(LongRopeError, match="already holds a search; pass --resume true"):
+        search.main(["--config", str(write_config(world, tmp_path))])
+    changed = write_config(world, tmp_path, evolution={**SMALL_EVOLUTION, "mutation_prob": 0.5})
+    with pytest.raises(LongRopeError, match=r"differs in: mutation_prob"):
+        search.main(["--config", str(changed), "--resume", "true"])
+    with pytest.raises(LongRopeError, match="different samples_sha256, target_length"):
+        search.main(["--config", str(write_config(world, tmp_path, target_length=300)), "--resume", "true"])
