@@ -200,12 +200,18 @@ def sequence_nll(
     score_from: int = 1,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    sequence_parallel_group: Any = None,
 ) -> DocumentNll:
     """NLL of ``input_ids[t]`` given ``input_ids[:t]``, summed over ``t`` in ``[score_from, len(input_ids))``.
 
     One forward of the backbone over the whole sequence with ``position_ids = 0..n-1`` and no KV cache; then the
     output head and cross-entropy on ``chunk_size`` hidden rows at a time (only the rows that predict a scored
     token, as HF's ``logits_to_keep`` does). Peak memory: O(n * hidden) + O(chunk_size * vocab).
+
+    ``sequence_parallel_group``: the sequence is split into equal contiguous shards, one per rank of the group, and
+    each rank runs the backbone on its shard only (the model's attention must be sequence-parallel, e.g. DeepSpeed
+    Ulysses registered with ``UlyssesSPAttentionHF.register_with_transformers``); NLL sums are all-reduced, so every
+    rank returns the whole sequence's result. The tail is padded to a multiple of the group size and never scored.
     """
     ids = _as_id_tensor(input_ids)
     length = ids.numel()
@@ -215,28 +221,40 @@ def sequence_nll(
         raise LongRopeError(f"chunk_size={chunk_size}: must be a positive number of tokens (e.g. 1024)")
     backbone, head = _backbone_and_head(model)
     device = _input_device(model)
-    ids = ids.to(device)
     scored = length - score_from
     if scored == 0:
         return DocumentNll(nll_sum=0.0, scored_tokens=0)
+    begin, end = 0, length
+    if sequence_parallel_group is not None:
+        ranks = torch.distributed.get_world_size(sequence_parallel_group)
+        shard = -(-length // ranks)
+        begin = torch.distributed.get_rank(sequence_parallel_group) * shard
+        end = begin + shard
+        ids = torch.cat([ids, ids.new_zeros(shard * ranks - length)])
+    ids = ids.to(device)
+    # Global row j predicts token j + 1; this process holds rows [begin, end), of which it scores those in
+    # [score_from - 1, length - 1).
+    first_row, last_row = max(begin, score_from - 1), min(end, length - 1)
     with torch.inference_mode():
         outputs = backbone(
-            input_ids=ids.unsqueeze(0),
-            position_ids=torch.arange(length, device=device).unsqueeze(0),
+            input_ids=ids[begin:end].unsqueeze(0),
+            position_ids=torch.arange(begin, end, device=device).unsqueeze(0),
             use_cache=False,
         )
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-        # Row t-1 predicts token t; rows that predict nothing scored are never sent through the head.
-        predicting_rows = hidden[0, score_from - 1 : length - 1]
-        targets = ids[score_from:]
+        predicting_rows = hidden[0, max(first_row - begin, 0) : max(last_row - begin, 0)]
+        targets = ids[first_row + 1 : last_row + 1] if last_row > first_row else ids[:0]
         del outputs, hidden
         head_device = head.weight.device
         total = torch.zeros((), dtype=torch.float64, device=head_device)
-        for begin in range(0, scored, chunk_size):
-            logits = head(predicting_rows[begin : begin + chunk_size].to(head_device)).float()
-            chunk_targets = targets[begin : begin + chunk_size].to(head_device)
+        for start in range(0, targets.numel(), chunk_size):
+            logits = head(predicting_rows[start : start + chunk_size].to(head_device)).float()
+            chunk_targets = targets[start : start + chunk_size].to(head_device)
             total += F.cross_entropy(logits, chunk_targets, reduction="sum").double()
             del logits
+        if sequence_parallel_group is not None:
+            total = total.cpu() if torch.distributed.get_backend(sequence_parallel_group) == "gloo" else total
+            torch.distributed.all_reduce(total, group=sequence_parallel_group)
         nll_sum = float(total.item())
     return DocumentNll(nll_sum=_finite_or_inf(nll_sum), scored_tokens=scored)
 
@@ -325,6 +343,7 @@ def document_nll(
     bos_token_id: int | None = None,
     max_document_tokens: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    sequence_parallel_group: Any = None,
 ) -> DocumentNll:
     """NLL of one document at one evaluation length: the incremental form (a search can stop after any document).
 
@@ -349,7 +368,13 @@ def document_nll(
         if bos is not None:
             piece = torch.cat([torch.tensor([bos], dtype=torch.long), piece])
             offset = 1
-        result = sequence_nll(model, piece, window.score_begin - window.begin + offset, chunk_size=chunk_size)
+        result = sequence_nll(
+            model,
+            piece,
+            window.score_begin - window.begin + offset,
+            chunk_size=chunk_size,
+            sequence_parallel_group=sequence_parallel_group,
+        )
         nll_sum += result.nll_sum
         scored += result.scored_tokens
     return DocumentNll(nll_sum=_finite_or_inf(nll_sum), scored_tokens=scored, windows=len(windows))
@@ -381,6 +406,7 @@ def perplexity(
     max_document_tokens: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = False,
+    sequence_parallel_group: Any = None,
 ) -> PerplexityReport:
     """Perplexity of every document at every length (see the module docstring for the protocol).
 
@@ -419,6 +445,7 @@ def perplexity(
                 bos_token_id=bos,
                 max_document_tokens=max_document_tokens,
                 chunk_size=chunk_size,
+                sequence_parallel_group=sequence_parallel_group,
             )
         )
     report.per_length = [per_length[length] for length in lengths]
@@ -807,10 +834,20 @@ def build_needle_sample(
 
 
 def needle_sample_nll(
-    model: torch.nn.Module, sample: NeedleSample, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+    model: torch.nn.Module,
+    sample: NeedleSample,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    sequence_parallel_group: Any = None,
 ) -> DocumentNll:
     """NLL of the sample's answer tokens only (the incremental form for a search fitness)."""
-    return sequence_nll(model, sample.input_ids, sample.answer_start, chunk_size=chunk_size)
+    return sequence_nll(
+        model,
+        sample.input_ids,
+        sample.answer_start,
+        chunk_size=chunk_size,
+        sequence_parallel_group=sequence_parallel_group,
+    )
 
 
 @dataclass
@@ -842,6 +879,7 @@ def needle_perplexity(
     prepend_bos: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = False,
+    sequence_parallel_group: Any = None,
 ) -> NeedlePerplexityReport:
     """LongRoPE2's needle-driven perplexity: one needle sample per document and length, answer tokens scored.
 
@@ -870,6 +908,8 @@ def needle_perplexity(
     per_length = {length: LengthPerplexity(length=length) for length in lengths}
     jobs = [(length, sample) for length in lengths for sample in samples[length]]
     for length, sample in _progress(jobs, len(jobs), "needle perplexity", progress):
-        per_length[length].documents.append(needle_sample_nll(model, sample, chunk_size=chunk_size))
+        per_length[length].documents.append(
+            needle_sample_nll(model, sample, chunk_size=chunk_size, sequence_parallel_group=sequence_parallel_group)
+        )
     report.per_length = [per_length[length] for length in lengths]
     return report

@@ -1,0 +1,487 @@
+"""Method comparisons for evaluate.py: RoPE methods x lengths on one model, with perplexity, passkey, needle
+perplexity and lm-evaluation-harness tasks, written as results.json, results.md and plot.png.
+
+A method is a baseline name (``none``, ``pi``, ``ntk``, ``dynamic_ntk``, ``yarn``), a factors file path (JSON or
+official CSV), or a mapping ``{name, method, factors_path, mscale, beta_fast, beta_slow}``. Baselines are set up for
+``target_length`` (default: the longest evaluated length); a length beyond what a method was set up for is evaluated
+with a warning, never refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from longrope import distributed, factors, rope
+from longrope.documents import DocumentsArguments, ensure_prepared, select_documents
+from longrope.errors import LongRopeError
+from longrope.io import atomic_write_json, atomic_write_text, sha256_file
+
+logger = logging.getLogger(__name__)
+BASELINES = ("none", "pi", "ntk", "dynamic_ntk", "yarn")
+
+
+@dataclass
+class EvalArguments(DocumentsArguments):
+    """Keys only evaluate.py reads (the model keys are ModelArguments'; documents_path is DocumentsArguments')."""
+
+    methods: list[str] = field(
+        default_factory=lambda: ["none", "pi", "ntk", "yarn"],
+        metadata={
+            "help": "RoPE methods to compare: none, pi, ntk, dynamic_ntk, yarn, a factors file path, or (YAML) a "
+            "mapping {name, method, factors_path, mscale, beta_fast, beta_slow}."
+        },
+    )
+    lengths: list[int] = field(default_factory=list, metadata={"help": "Evaluation lengths for perplexity."})
+    target_length: int | None = field(
+        default=None, metadata={"help": "Length the baselines are set up for (default: the longest length)."}
+    )
+    original_max_position_embeddings: int | None = field(
+        default=None, metadata={"help": "Pre-training window (default: the model config's)."}
+    )
+    num_documents: int | None = field(
+        default=None, metadata={"help": "Documents to evaluate (seeded choice among those long enough; default all)."}
+    )
+    document_seed: int = field(default=0, metadata={"help": "Seed of the num_documents choice."})
+    ppl_mode: Literal["truncate", "sliding"] = field(
+        default="truncate", metadata={"help": "truncate: first L tokens. sliding: windows of L, stride ppl_stride."}
+    )
+    ppl_stride: int | None = field(default=None, metadata={"help": "Sliding-window stride (the paper: 256)."})
+    add_bos: bool = field(default=False, metadata={"help": "Prepend BOS to every window (the official code does)."})
+    passkey_lengths: list[int] = field(default_factory=list, metadata={"help": "Passkey prompt lengths (tokens)."})
+    passkey_depths: list[float] = field(
+        default_factory=lambda: [0.1, 0.5, 0.9], metadata={"help": "Needle depths (fraction of the filler)."}
+    )
+    passkey_trials: int = field(default=10, metadata={"help": "Passkey trials per (length, depth) cell."})
+    needle_lengths: list[int] = field(default_factory=list, metadata={"help": "Needle-perplexity lengths."})
+    lm_eval_tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "lm-evaluation-harness tasks on the patched model (e.g. arc_challenge)."},
+    )
+    lm_eval_num_fewshot: list[int] = field(
+        default_factory=list, metadata={"help": "Few-shot count per task, in lm_eval_tasks order (empty: defaults)."}
+    )
+    lm_eval_limit: int | None = field(default=None, metadata={"help": "Examples per task (for smoke runs)."})
+    lm_eval_include_path: str | None = field(default=None, metadata={"help": "Folder of custom lm-eval task YAMLs."})
+    lm_eval_batch_size: int = field(default=1, metadata={"help": "lm-eval batch size."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Default: model_name_or_path."})
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Shard each sequence's forward over this many processes with DeepSpeed Ulysses (launch with "
+            "torchrun --nproc_per_node N); for lengths that do not fit on one device."
+        },
+    )
+    chunk_size: int = field(default=4096, metadata={"help": "Tokens per lm_head + loss chunk (memory-linear PPL)."})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Where results.json/.md and plot.png go."})
+    report_to: str = field(default="none", metadata={"help": "none or wandb (offline when no credentials exist)."})
+    run_name: str | None = field(default=None, metadata={"help": "W&B run name (default: output_dir's name)."})
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise LongRopeError(
+                "methods: give at least one method (none, pi, ntk, dynamic_ntk, yarn or a factors file)"
+            )
+        for key in ("lengths", "passkey_lengths", "needle_lengths"):
+            values = getattr(self, key)
+            if any(not isinstance(v, int) or v < 2 for v in values):
+                raise LongRopeError(f"{key}: {values!r} must be token counts >= 2")
+        if not (self.lengths or self.passkey_lengths or self.needle_lengths or self.lm_eval_tasks):
+            raise LongRopeError(
+                "lengths: nothing to evaluate; set lengths, passkey_lengths, needle_lengths or lm_eval_tasks"
+            )
+        if (self.lengths or self.needle_lengths) and self.documents_path is None:
+            raise LongRopeError("documents_path: required for perplexity; prepare documents with data/prepare.py")
+        if self.ppl_mode == "sliding" and self.ppl_stride is None:
+            raise LongRopeError("ppl_stride: required with ppl_mode sliding (the paper uses 256)")
+        if self.lm_eval_num_fewshot and len(self.lm_eval_num_fewshot) != len(self.lm_eval_tasks):
+            raise LongRopeError(
+                f"lm_eval_num_fewshot: {len(self.lm_eval_num_fewshot)} values for {len(self.lm_eval_tasks)} tasks; "
+                "give one per task or none"
+            )
+        if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths):
+            raise LongRopeError(f"passkey_depths: {self.passkey_depths!r} must be fractions in [0, 1]")
+        for key in ("passkey_trials", "sequence_parallel_size", "chunk_size", "lm_eval_batch_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise LongRopeError(f"{key}: {getattr(self, key)!r} must be a positive integer")
+        if self.report_to not in ("none", "wandb"):
+            raise LongRopeError(f"report_to: {self.report_to!r} is not one of none, wandb")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    scaling: rope.RopeScaling
+    factors_path: str | None = None
+    factors_sha256: str | None = None
+
+
+def resolve_methods(args: EvalArguments, model_config: Any) -> list[MethodSpec]:
+    """Every method as a RopeScaling, before any evaluation starts (so a bad method fails fast)."""
+    geometry = rope.RopeGeometry.from_config(model_config, args.original_max_position_embeddings)
+    all_lengths = args.lengths + args.passkey_lengths + args.needle_lengths
+    target = args.target_length or max(all_lengths or [geometry.original_max_position_embeddings])
+    specs: list[MethodSpec] = []
+    for index, entry in enumerate(args.methods):
+        entry = _as_mapping(entry, f"methods[{index}]")
+        path = entry.get("factors_path")
+        if path is not None:
+            loaded = factors.load_for_model(path, model_config, target_length=entry.get("target_length", target))
+            scaling = loaded.scaling
+            if "mscale" in entry:
+                value, policy = rope.resolve_mscale(
+                    entry["mscale"], scaling.scale, geometry.original_max_position_embeddings
+                )
+                scaling = rope.RopeScaling(**{**scaling.__dict__, "mscale": value, "mscale_policy": policy})
+            name = entry.get("name") or Path(path).parent.name or Path(path).stem
+            specs.append(MethodSpec(name, scaling, str(path), sha256_file(path)))
+            continue
+        method = rope.canonical_method(entry.get("method", ""))
+        options = {k: entry[k] for k in ("mscale", "beta_fast", "beta_slow") if k in entry}
+        if method == "none":
+            scaling = rope.none_scaling(geometry)
+        else:
+            if target <= geometry.original_max_position_embeddings:
+                raise LongRopeError(
+                    f"target_length: {target} is not beyond the original window {geometry.original_max_position_embeddings}"
+                    f"; method {method} needs target_length > original (set target_length)"
+                )
+            scaling = rope.build_scaling(method, geometry, target, **options)
+        specs.append(MethodSpec(entry.get("name") or method, scaling))
+    names = [spec.name for spec in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise LongRopeError(f"methods: the name {duplicates[0]!r} is used twice; give each method a distinct name")
+    return specs
+
+
+def _as_mapping(entry: Any, where: str) -> dict[str, Any]:
+    if isinstance(entry, dict):
+        unknown = set(entry) - {"name", "method", "factors_path", "mscale", "beta_fast", "beta_slow", "target_length"}
+        if unknown:
+            raise LongRopeError(
+                f"{where}: unknown key {sorted(unknown)[0]!r}; use name, method, factors_path, mscale, ..."
+            )
+        if "method" not in entry and "factors_path" not in entry:
+            raise LongRopeError(f"{where}: give method or factors_path")
+        return entry
+    if not isinstance(entry, str):
+        raise LongRopeError(f"{where}: {entry!r} must be a method name, a factors file path or a mapping")
+    if entry.endswith((".json", ".csv")) or os.path.sep in entry:
+        return {"factors_path": entry}
+    return {"method": entry}
+
+
+def length_warnings(spec: MethodSpec, lengths: list[int]) -> list[str]:
+    if spec.scaling.method == "none":
+        return []
+    limit = spec.scaling.max_position_embeddings
+    beyond = [length for length in lengths if length > limit]
+    if not beyond:
+        return []
+    return [f"{spec.name}: lengths {beyond} are beyond the {limit} tokens it was set up for (evaluated anyway)"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def setup_sequence_parallel(model: Any, size: int) -> Any:
+    """Register DeepSpeed Ulysses attention on ``model`` and return the sequence-parallel group (None when 1)."""
+    if size == 1:
+        return None
+    world = distributed.world_size()
+    if world != size:
+        raise LongRopeError(
+            f"sequence_parallel_size: {size} but {world} processes were launched; use torchrun --nproc_per_node {size}"
+        )
+    config = model.config.get_text_config()
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    if heads % size or kv_heads % size and size % kv_heads:
+        raise LongRopeError(
+            f"sequence_parallel_size: {size} does not divide the {heads} attention heads / {kv_heads} KV heads; "
+            "choose a divisor"
+        )
+    import deepspeed
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    deepspeed.init_distributed(dist_backend="nccl" if _on_gpu(model) else "gloo")
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model,
+        core_attn_implementation=model.config._attn_implementation,
+        sequence_parallel_size=size,
+        micro_batch_size=1,
+        seq_length_is_variable=True,
+    )
+    return mpu.get_sequence_parallel_group()
+
+
+def check_prompt_lengths(tokenizer: Any, args: EvalArguments) -> None:
+    """Passkey and needle grids that cannot hold their prompts fail before any evaluation starts."""
+    from longrope import metrics
+
+    if args.passkey_lengths:
+        minimum = metrics.passkey_min_length(tokenizer)
+        short = [length for length in args.passkey_lengths if length < minimum]
+        if short:
+            raise LongRopeError(
+                f"passkey_lengths: {short} cannot hold the passkey prompt, which needs at least {minimum} tokens with "
+                "this tokenizer; drop those lengths"
+            )
+    if args.needle_lengths:
+        key, value = metrics.needle_key_value(0, 0)
+        minimum = metrics.needle_overhead(tokenizer, key, value) + 1
+        short = [length for length in args.needle_lengths if length < minimum]
+        if short:
+            raise LongRopeError(
+                f"needle_lengths: {short} cannot hold the needle template (about {minimum} tokens with this "
+                "tokenizer); drop those lengths"
+            )
+
+
+def _on_gpu(model: Any) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
+def evaluate_methods(
+    model: Any, tokenizer: Any, args: EvalArguments, model_name: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    from longrope import metrics
+
+    specs = resolve_methods(args, model.config)
+    documents, data_info = [], None
+    longest = max(args.lengths + args.needle_lengths, default=0)
+    if longest:
+        ensure_prepared(args.documents_path, args.documents_prepare_config)
+        documents, data_info = select_documents(args.documents_path, longest, args.num_documents, args.document_seed)
+    check_prompt_lengths(tokenizer, args)
+    if args.lm_eval_tasks:
+        lm_eval_task_manager(args)
+    group = setup_sequence_parallel(model, args.sequence_parallel_size)
+    results: dict[str, Any] = {
+        "model": model_name,
+        "data": data_info,
+        "protocol": {
+            "ppl_mode": args.ppl_mode,
+            "ppl_stride": args.ppl_stride,
+            "add_bos": args.add_bos,
+            "sequence_parallel_size": args.sequence_parallel_size,
+        },
+        "lengths": args.lengths,
+        "methods": [],
+    }
+    for spec in specs:
+        rope.install(model, spec.scaling, sequence_parallel_group=group)
+        entry: dict[str, Any] = {
+            "name": spec.name,
+            "method": spec.scaling.method,
+            "factors_path": spec.factors_path,
+            "factors_sha256": spec.factors_sha256,
+            "max_position_embeddings": spec.scaling.max_position_embeddings,
+            "mscale": spec.scaling.mscale,
+            "start_tokens": spec.scaling.start_tokens,
+            "warnings": length_warnings(spec, args.lengths + args.passkey_lengths + args.needle_lengths),
+        }
+        for warning in entry["warnings"]:
+            if distributed.is_main():
+                logger.warning(warning)
+        if args.lengths:
+            report = metrics.perplexity(
+                model,
+                documents,
+                args.lengths,
+                mode=args.ppl_mode,
+                stride=args.ppl_stride,
+                add_bos=args.add_bos,
+                chunk_size=args.chunk_size,
+                progress=progress,
+                sequence_parallel_group=group,
+            )
+            entry["perplexity"] = {str(k): v for k, v in report.ppl_by_length().items()}
+            entry["perplexity_detail"] = report.to_dict()
+        if args.needle_lengths:
+            needle = metrics.needle_perplexity(
+                model,
+                tokenizer,
+                documents,
+                args.needle_lengths,
+                chunk_size=args.chunk_size,
+                sequence_parallel_group=group,
+            )
+            entry["needle_perplexity"] = {str(k): v for k, v in needle.ppl_by_length().items()}
+        if args.passkey_lengths:
+            if group is not None:
+                raise LongRopeError("passkey_lengths: passkey decoding is not sequence-parallel; run it with size 1")
+            passkey = metrics.passkey_retrieval(
+                model, tokenizer, args.passkey_lengths, args.passkey_depths, trials=args.passkey_trials
+            )
+            entry["passkey"] = passkey.to_dict()
+            entry["passkey_accuracy"] = {str(k): v for k, v in passkey.accuracy_by_length().items()}
+        if args.lm_eval_tasks:
+            entry["lm_eval"] = run_lm_eval(model, tokenizer, args)
+        results["methods"].append(entry)
+    return results
+
+
+def lm_eval_task_manager(args: EvalArguments) -> Any:
+    """lm-eval's task index (with the custom task folder), after checking every requested task exists."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=args.lm_eval_include_path)
+    known = set(manager.all_tasks)
+    for task in args.lm_eval_tasks:
+        if task not in known:
+            close = sorted(t for t in known if task.split("_")[0] in t)[:3]
+            hint = f" (similar: {', '.join(close)})" if close else ""
+            raise LongRopeError(f"lm_eval_tasks: {task!r} is not an lm-eval task{hint}; check lm_eval --tasks list")
+    return manager
+
+
+def run_lm_eval(model: Any, tokenizer: Any, args: EvalArguments) -> dict[str, Any]:
+    """lm-evaluation-harness on the patched model object (so the installed RoPE method is what gets scored)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager = lm_eval_task_manager(args)
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.lm_eval_batch_size, device=device)
+    scores: dict[str, Any] = {}
+    for index, task in enumerate(args.lm_eval_tasks):
+        fewshot = args.lm_eval_num_fewshot[index] if args.lm_eval_num_fewshot else None
+        output = simple_evaluate(
+            model=lm,
+            tasks=[task],
+            num_fewshot=fewshot,
+            limit=args.lm_eval_limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
+        task_results = (output or {}).get("results", {}).get(task, {})
+        scores[task] = {k: v for k, v in task_results.items() if isinstance(v, (int, float)) and "stderr" not in k}
+        scores[task]["num_fewshot"] = fewshot
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    lines = []
+    lengths = results.get("lengths") or []
+    if lengths:
+        header = "| method | " + " | ".join(str(length) for length in lengths) + " |"
+        lines += ["Perplexity by evaluation length:", "", header, "|" + "---|" * (len(lengths) + 1)]
+        for entry in results["methods"]:
+            values = [entry.get("perplexity", {}).get(str(length)) for length in lengths]
+            best = [_is_best(results, length, value) for length, value in zip(lengths, values)]
+            cells = [_format(value, bold) for value, bold in zip(values, best)]
+            lines.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
+    for key, title in (("needle_perplexity", "Needle perplexity"), ("passkey_accuracy", "Passkey accuracy")):
+        rows = [e for e in results["methods"] if key in e]
+        if rows:
+            columns = list(rows[0][key])
+            lines += [
+                "",
+                f"{title}:",
+                "",
+                "| method | " + " | ".join(columns) + " |",
+                "|" + "---|" * (len(columns) + 1),
+            ]
+            lines += [f"| {e['name']} | " + " | ".join(_format(e[key][c]) for c in columns) + " |" for e in rows]
+    rows = [e for e in results["methods"] if "lm_eval" in e]
+    if rows:
+        lines += ["", "lm-evaluation-harness:", "", "| method | task | metric | value |", "|---|---|---|---|"]
+        for entry in rows:
+            for task, metrics_ in entry["lm_eval"].items():
+                for metric, value in metrics_.items():
+                    if metric != "num_fewshot":
+                        lines.append(f"| {entry['name']} | {task} | {metric} | {_format(value)} |")
+    warnings = [w for e in results["methods"] for w in e.get("warnings", [])]
+    if warnings:
+        lines += ["", *[f"- warning: {w}" for w in warnings]]
+    data = results.get("data")
+    if data:
+        lines += ["", f"Data: {data['documents']} documents of {data['tokens_each']} tokens from `{data['path']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def _is_best(results: dict[str, Any], length: int, value: float | None) -> bool:
+    values = [e.get("perplexity", {}).get(str(length)) for e in results["methods"]]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return value is not None and bool(finite) and value == min(finite) and len(finite) > 1
+
+
+def _format(value: Any, bold: bool = False) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        text = "inf" if math.isinf(value) else (f"{value:.3f}" if value < 1000 else f"{value:.3g}")
+    else:
+        text = str(value)
+    return f"**{text}**" if bold else text
+
+
+def plot_perplexity(results: dict[str, Any], path: Path, title: str = "Perplexity vs evaluation length") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
+    lengths = results["lengths"]
+    for entry in results["methods"]:
+        values = [entry.get("perplexity", {}).get(str(length), math.nan) for length in lengths]
+        axis.plot(lengths, values, marker="o", label=entry["name"])
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xticks(lengths, [str(length) for length in lengths])
+    axis.set_xlabel("evaluation length (tokens)")
+    axis.set_ylabel("perplexity")
+    axis.set_title(title)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def write_outputs(results: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
+    output_dir = Path(output_dir)
+    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
+    atomic_write_json(paths["json"], results)
+    atomic_write_text(paths["markdown"], markdown_table(results))
+    if results.get("lengths"):
+        paths["plot"] = output_dir / "plot.png"
+        plot_perplexity(results, paths["plot"])
+    return paths
+
+
+def log_to_wandb(results: dict[str, Any], paths: dict[str, Path], args: EvalArguments) -> None:
+    import wandb
+
+    from longrope.tracking import start_wandb
+
+    run = start_wandb(
+        "longrope-eval", args.run_name or Path(args.output_dir).name, {"model": results["model"]}, args.output_dir
+    )
+    lengths = results.get("lengths") or []
+    if lengths:
+        table = wandb.Table(columns=["method", *[str(length) for length in lengths]])
+        for entry in results["methods"]:
+            table.add_data(entry["name"], *[entry.get("perplexity", {}).get(str(length)) for length in lengths])
+        run.log({"perplexity": table})
+    if "plot" in paths:
+        run.log({"perplexity_plot": wandb.Image(str(paths["plot"]))})
+    run.finish()
