@@ -1,0 +1,82 @@
+"""Every shipped config parses into the dataclasses of the script its header launches, and says how to launch it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from longrope.args import DataArguments, ModelArguments, PrepareArguments, parse_config
+from longrope.evaluation import EvalArguments
+from longrope.searcher import SearchArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SCRIPT_CONFIGS = sorted(
+    p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("accelerate", "lm_eval_tasks", "tiny_python")
+)
+
+
+def launched_script(path: Path) -> str:
+    """The script the config's opening comment launches (every config opens with its launch command)."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    text = "\n".join(header)
+    for script in ("search.py", "evaluate.py", "train.py", "data.prepare"):
+        if re.search(
+            rf"(python|torchrun|accelerate launch)[^\n]*\b{re.escape(script)}[^\n]*{re.escape(path.name)}", text
+        ):
+            return script
+    raise AssertionError(f"{path.relative_to(ROOT)}: the opening comment must hold its launch command")
+
+
+def dataclasses_for(script: str) -> tuple[type, ...]:
+    if script == "search.py":
+        return (ModelArguments, SearchArguments)
+    if script == "evaluate.py":
+        return (ModelArguments, EvalArguments)
+    if script == "data.prepare":
+        return (DataArguments, PrepareArguments)
+    from transformers import TrainingArguments
+
+    return (ModelArguments, DataArguments, TrainingArguments)
+
+
+@pytest.mark.parametrize("path", SCRIPT_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_config_parses_for_its_script(path):
+    script = launched_script(path)
+    parsed = parse_config(dataclasses_for(script), ["--config", str(path)])
+    assert all(parsed), path
+    raw = yaml.safe_load(path.read_text())
+    for key in ("output_dir", "dataset_path", "documents_path"):
+        if key in raw:
+            assert not Path(raw[key]).is_absolute(), f"{path.name}: {key} must be relative to the repository"
+
+
+def test_every_accelerate_topology_points_at_a_committed_deepspeed_config():
+    topologies = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+    assert topologies
+    for path in topologies:
+        config = yaml.safe_load(path.read_text())
+        assert config["num_processes"] >= 1 and config["compute_environment"] == "LOCAL_MACHINE"
+        assert "accelerate launch --config_file configs/accelerate/" + path.name in path.read_text()
+        if config["distributed_type"] == "DEEPSPEED":
+            deepspeed_file = ROOT / config["deepspeed_config"]["deepspeed_config_file"]
+            deepspeed = json.loads(deepspeed_file.read_text())
+            assert deepspeed["zero_optimization"]["stage"] == 3
+            # One source of truth: every value the Trainer knows is left to it.
+            for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+                assert deepspeed[key] == "auto", f"{deepspeed_file.name}: {key} must be auto"
+
+
+def test_the_lm_eval_task_data_ships_with_the_repository():
+    task = yaml.safe_load((CONFIGS / "lm_eval_tasks" / "tiny_python" / "tiny_python.yaml").read_text())
+    data = ROOT / task["dataset_kwargs"]["data_files"]["test"]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(rows) >= 20 and all(0 <= row["label"] < len(row["choices"]) for row in rows)
