@@ -27,12 +27,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from longrope import training
 from longrope.args import DataArguments, ModelArguments, parse_config, resolved_config
 from longrope.data import PackedCollator, load_prepared_dataset, read_summary
 from longrope.errors import LongRopeError
 from longrope.io import atomic_write_json, atomic_write_text
 from longrope.modeling import build_model, load_tokenizer
 from longrope.tracking import configure_wandb
+from longrope.training import LongRopeTrainingArguments
 
 logger = logging.getLogger("train")
 
@@ -71,7 +73,34 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
             f"max_seq_len: {data_args.max_seq_len}, but the rows of '{data_args.dataset_path}' hold {seq_len} tokens; "
             "prepare the dataset again with this max_seq_len or drop the key"
         )
+    global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    data_parallel = max(1, training_args.world_size // training_args.sp_size)
+    if len(dataset["train"]) < global_batch * data_parallel:
+        raise LongRopeError(
+            f"dataset_path: '{data_args.dataset_path}' holds {len(dataset['train'])} training rows, fewer than one "
+            f"global batch ({global_batch * data_parallel}); prepare more data or lower per_device_train_batch_size"
+        )
     tokenizer = load_tokenizer(data_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    if model_args.model_name_or_path is not None:
+        # Sequence-parallel and RoPE checks need only the config: fail before loading any weights.
+        from transformers import AutoConfig
+
+        try:
+            model_config = AutoConfig.from_pretrained(
+                model_args.model_name_or_path,
+                trust_remote_code=model_args.trust_remote_code,
+                **(model_args.config_overrides or {}),
+            )
+        except OSError as error:
+            raise LongRopeError(
+                f"model_name_or_path: cannot load '{model_args.model_name_or_path}' ({str(error).splitlines()[0]})"
+            ) from None
+        training.validate_sequence_parallel(model_config, training_args.sp_size, seq_len, training_args.world_size)
+        resolved_rope = training.resolve_rope(training_args, model_config)
+    elif training_args.rope_method != "none" or training_args.sp_size > 1:
+        raise LongRopeError("rope_method / sp_size: fine-tuning keys; set model_name_or_path (a checkpoint)")
+    else:
+        resolved_rope = None
 
     ###############
     # Model
@@ -88,9 +117,24 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
     )
 
     ###############
-    # RoPE: the long-context stages install their method here, after loading and before the Trainer wraps the
-    # model: longrope.rope.install(model, scaling) with the factors named in the config.
+    # RoPE: after loading and before the Trainer wraps (and shards) the model; the config then describes it, so
+    # every checkpoint loads in stock transformers.
     ###############
+    callbacks = [
+        training.ThroughputCallback(
+            tokens_per_step=seq_len
+            * training_args.per_device_train_batch_size
+            * training_args.gradient_accumulation_steps
+            * data_parallel,
+            num_parameters=num_parameters,
+            world_size=training_args.world_size,
+            peak_flops=training_args.peak_flops or training.device_peak_flops(),
+        )
+    ]
+    if resolved_rope is not None:
+        training.install_rope(model, resolved_rope, allow_start_tokens=training_args.allow_start_tokens)
+        callbacks.append(training.FactorsCopyCallback(resolved_rope))
+        logger.info("rope: %s", rope_summary(resolved_rope))
 
     ###############
     # Trainer
@@ -102,10 +146,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
         eval_dataset=eval_dataset,
         data_collator=PackedCollator(),
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     output_dir = Path(training_args.output_dir)
     if trainer.is_world_process_zero():
-        config_text = yaml.safe_dump(resolved_config(model_args, data_args, training_args), sort_keys=False)
+        resolved = resolved_config(model_args, data_args, training_args)
+        resolved.pop("parallelism_config", None)  # rebuilt from sp_size
+        config_text = yaml.safe_dump(resolved, sort_keys=False)
         atomic_write_text(
             output_dir / "config.yaml", "# Resolved config of this run; --config it to repeat.\n" + config_text
         )
@@ -117,14 +164,20 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
                 "dataset_summary": {k: v for k, v in read_summary(data_args.dataset_path).items() if k != "config"},
                 "model_name_or_path": model_args.model_name_or_path,
                 "tokenizer": data_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                "rope_factors_path": None if resolved_rope is None else resolved_rope.factors_path,
+                "rope_factors_sha256": None if resolved_rope is None else resolved_rope.sha256,
             },
         )
+        if resolved_rope is not None:
+            training.write_factors_copy(resolved_rope, output_dir)
 
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None and output_dir.is_dir():
         checkpoint = get_last_checkpoint(str(output_dir))
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
+    if checkpoint is not None:
+        training.check_resume_compatible(checkpoint, model.config)
 
     ###############
     # Train, evaluate, save
@@ -154,14 +207,25 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
     return metrics
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse ``argv`` (default: sys.argv) and train; a configuration mistake exits with one line."""
-    from transformers import TrainingArguments
+def rope_summary(resolved: training.ResolvedRope) -> str:
+    scaling = resolved.scaling
+    source = resolved.factors_path or "computed"
+    return f"{scaling.method} {scaling.scale:g}x to {scaling.max_position_embeddings}, mscale {scaling.mscale:.4f} ({source})"
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv`` (default: sys.argv) and train (or dry-run); a configuration mistake exits with one line."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        model_args, data_args, training_args = parse_config((ModelArguments, DataArguments, TrainingArguments), argv)
-        metrics = train(model_args, data_args, training_args)
+        model_args, data_args, training_args = parse_config(
+            (ModelArguments, DataArguments, LongRopeTrainingArguments), argv
+        )
+        if training_args.dry_run:
+            if model_args.model_name_or_path is None:
+                raise LongRopeError("dry_run: needs model_name_or_path (the architecture to shrink)")
+            metrics = training.dry_run(model_args.model_name_or_path, model_args.config_overrides, training_args)
+        else:
+            metrics = train(model_args, data_args, training_args)
     except LongRopeError as error:
         raise SystemExit(f"train.py: error: {error}") from None
     logger.info("metrics: %s", json.dumps(metrics))

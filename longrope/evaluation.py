@@ -9,6 +9,7 @@ with a warning, never refused.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -331,11 +332,17 @@ def evaluate_methods(
     return results
 
 
-def lm_eval_task_manager(args: EvalArguments) -> Any:
-    """lm-eval's task index (with the custom task folder), after checking every requested task exists."""
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None) -> Any:
+    # Indexing every lm-eval task takes seconds; one index serves all methods.
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=args.lm_eval_include_path)
+    return TaskManager(include_path=include_path)
+
+
+def lm_eval_task_manager(args: EvalArguments) -> Any:
+    """lm-eval's task index (with the custom task folder), after checking every requested task exists."""
+    manager = _task_manager(args.lm_eval_include_path)
     known = set(manager.all_tasks)
     for task in args.lm_eval_tasks:
         if task not in known:

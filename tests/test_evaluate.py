@@ -225,3 +225,14 @@ def test_factors_for_another_head_dim_are_refused(world, tmp_path):
         LongRopeError, match=r"factors for head_dim 64 \(rotary_dim 64\) but the model has head_dim 32"
     ):
         evaluate.main(["--config", str(write_config(world, tmp_path, methods=[str(path)]))])
+
+
+def test_wandb_gets_the_table_and_plot(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    evaluate.main(["--config", str(write_config(world, tmp_path, methods=["none", "yarn"], report_to="wandb"))])
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = {p.name for p in runs[0].rglob("*")}
+    assert any(name.startswith("perplexity_plot") and name.endswith(".png") for name in files)
+    assert any(name.startswith("perplexity") and name.endswith(".table.json") for name in files)

@@ -278,3 +278,14 @@ def test_resume_refuses_a_different_config(world, tmp_path):
         search.main(["--config", str(changed), "--resume", "true"])
     with pytest.raises(LongRopeError, match="different samples_sha256, target_length"):
         search.main(["--config", str(write_config(world, tmp_path, target_length=300)), "--resume", "true"])
+
+
+def test_wandb_gets_generations_factor_curve_and_artifact(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    search.main(["--config", str(write_config(world, tmp_path, report_to="wandb", run_name="tiny-search"))])
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = {p.name for p in runs[0].rglob("*")}
+    assert any(name.endswith(".wandb") for name in files)
+    assert any(name.startswith("factors_curve") and name.endswith(".png") for name in files)
