@@ -20,7 +20,7 @@ from typing import Any, Literal
 from longrope import distributed, factors, rope
 from longrope.documents import DocumentsArguments, ensure_prepared, select_documents
 from longrope.errors import LongRopeError
-from longrope.io import atomic_write_json, atomic_write_text, sha256_file
+from longrope.io import atomic_save_figure, atomic_write_json, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
 BASELINES = ("none", "pi", "ntk", "dynamic_ntk", "yarn")
@@ -458,10 +458,7 @@ def plot_perplexity(results: dict[str, Any], path: Path, title: str = "Perplexit
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp)
-    plt.close(figure)
-    os.replace(tmp, path)
+    atomic_save_figure(figure, path)
 
 
 def write_outputs(results: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from longrope.evolution import (
     EvolutionSearch,
     SearchSpaceConfig,
 )
-from longrope.io import atomic_write_json
+from longrope.io import atomic_save_figure, atomic_write_json
 
 STATE_FILE = "search_state.json"
 GENERATIONS_FILE = "generations.json"
@@ -553,10 +552,7 @@ def _plot_factors(path: Path, best: tuple[float, ...], seeds: dict[str, Candidat
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp)
-    plt.close(figure)
-    os.replace(tmp, path)
+    atomic_save_figure(figure, path)
 
 
 def _progress_bar(total: int, done: int, enabled: bool):
