@@ -104,6 +104,11 @@ class EvalArguments(DocumentsArguments):
                 f"lm_eval_num_fewshot: {len(self.lm_eval_num_fewshot)} values for {len(self.lm_eval_tasks)} tasks; "
                 "give one per task or none"
             )
+        if self.sequence_parallel_size > 1 and (self.passkey_lengths or self.lm_eval_tasks):
+            raise LongRopeError(
+                "sequence_parallel_size: passkey decoding and lm-eval tasks run unsharded; evaluate them in a separate "
+                "run with sequence_parallel_size 1"
+            )
         if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths):
             raise LongRopeError(f"passkey_depths: {self.passkey_depths!r} must be fractions in [0, 1]")
         for key in ("passkey_trials", "sequence_parallel_size", "chunk_size", "lm_eval_batch_size"):
@@ -319,8 +324,6 @@ def evaluate_methods(
             )
             entry["needle_perplexity"] = {str(k): v for k, v in needle.ppl_by_length().items()}
         if args.passkey_lengths:
-            if group is not None:
-                raise LongRopeError("passkey_lengths: passkey decoding is not sequence-parallel; run it with size 1")
             passkey = metrics.passkey_retrieval(
                 model, tokenizer, args.passkey_lengths, args.passkey_depths, trials=args.passkey_trials
             )

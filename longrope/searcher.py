@@ -400,8 +400,17 @@ def run_search(
     settings = _resume_settings(args, model_args, samples_sha)
     run_log: list[dict[str, Any]] = []
     state_path = output_dir / STATE_FILE
-    if args.resume and state_path.exists():
-        saved = json.loads(state_path.read_text())
+    # The main rank reads the state and every rank gets it, so all ranks resume (or fail) together.
+    saved, problem = None, None
+    if distributed.is_main() and state_path.exists():
+        if args.resume:
+            saved = json.loads(state_path.read_text())
+        else:
+            problem = f"output_dir: {output_dir} already holds a search; pass --resume true or a new output_dir"
+    saved, problem = distributed.broadcast_object((saved, problem))
+    if problem:
+        raise LongRopeError(problem)
+    if saved is not None:
         differing = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
         if differing:
             raise LongRopeError(
@@ -410,8 +419,6 @@ def run_search(
             )
         search.load_state_dict(saved["evolution"])
         run_log = saved.get("run_log", [])
-    elif state_path.exists() and distributed.is_main():
-        raise LongRopeError(f"output_dir: {output_dir} already holds a search; pass --resume true or a new output_dir")
 
     fitness = Fitness(model, args, samples, tokenizer)
     tracker = _Tracker(args, config) if distributed.is_main() else None

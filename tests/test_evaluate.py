@@ -209,6 +209,7 @@ def test_sharding_without_sequence_parallel_attention_would_be_caught(world):
         ({"methods": ["pi"], "lengths": [64], "target_length": 64}, "target_length: 64 is not beyond the original"),
         ({"ppl_mode": "sliding"}, "ppl_stride: required with ppl_mode sliding"),
         ({"sequence_parallel_size": 2}, "sequence_parallel_size: 2 but 1 processes were launched"),
+        ({"sequence_parallel_size": 2, "passkey_lengths": [300]}, "passkey decoding and lm-eval tasks run unsharded"),
     ],
 )
 def test_bad_input_is_one_line(world, tmp_path, overrides, message):
