@@ -9,14 +9,26 @@ Any key can be overridden on the command line:
 
     python train.py --config configs/tiny/pretrain.yaml --learning_rate 1e-3 --max_steps 50 --output_dir outputs/try
 
-Several processes (topology in its own accelerate config):
+Fine-tune with LongRoPE factors (rope_method / rope_factors_path / target_length), DeepSpeed ZeRO-3 and Ulysses
+sequence parallelism (sp_size), e.g. the tiny model 256 -> 2048 on 2 CPU processes:
+
+    torchrun --nproc_per_node 2 train.py --config configs/tiny/finetune-8x.yaml
+
+Several GPUs (topology in its own accelerate config, hyper-parameters and sp_size in the training YAML):
 
     accelerate launch --config_file configs/accelerate/<topology>.yaml train.py --config configs/<model>/<stage>.yaml
 
-Keys: longrope/args.py (ModelArguments, DataArguments) and transformers' TrainingArguments. output_dir receives the
-model and tokenizer (stock transformers format), config.yaml (the resolved config: ``--config`` it to repeat the run),
-inputs.json (what was trained on), train_results.json / eval_results.json / all_results.json, trainer_state.json and
-checkpoints; a killed run resumes from its last checkpoint when started again with the same output_dir.
+Check a recipe without weights, data or GPUs (its architecture shrunk to 2 tiny layers, one step on random tokens):
+
+    python train.py --config configs/llama2-7b/finetune-128k.yaml --dry_run true
+
+Keys: longrope/args.py (ModelArguments, DataArguments) and longrope/training.py (LongRopeTrainingArguments:
+transformers' TrainingArguments plus the RoPE, sequence-parallel, loss and dry-run keys). output_dir receives the
+model and tokenizer (stock transformers format; a fine-tune's config.json has rope_type longrope and the factors
+file's sha256, and longrope_factors.json sits beside it and in every checkpoint), config.yaml (the resolved config:
+``--config`` it to repeat the run), inputs.json (what was trained on), train_results.json / eval_results.json /
+all_results.json, trainer_state.json and checkpoints; a killed run resumes from its last checkpoint when started
+again with the same output_dir (a checkpoint of another model or RoPE is refused, naming the key that differs).
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
     """Run training as configured; returns the train (and eval) metrics that are also saved to output_dir."""
     import transformers
     import yaml
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
@@ -74,7 +86,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
             "prepare the dataset again with this max_seq_len or drop the key"
         )
     global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-    data_parallel = max(1, training_args.world_size // training_args.sp_size)
+    world_size = training.launched_world_size()
+    data_parallel = max(1, world_size // training_args.sp_size)
     if len(dataset["train"]) < global_batch * data_parallel:
         raise LongRopeError(
             f"dataset_path: '{data_args.dataset_path}' holds {len(dataset['train'])} training rows, fewer than one "
@@ -95,7 +108,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
             raise LongRopeError(
                 f"model_name_or_path: cannot load '{model_args.model_name_or_path}' ({str(error).splitlines()[0]})"
             ) from None
-        training.validate_sequence_parallel(model_config, training_args.sp_size, seq_len, training_args.world_size)
+        training.validate_sequence_parallel(model_config, training_args.sp_size, seq_len, world_size)
         resolved_rope = training.resolve_rope(training_args, model_config)
     elif training_args.rope_method != "none" or training_args.sp_size > 1:
         raise LongRopeError("rope_method / sp_size: fine-tuning keys; set model_name_or_path (a checkpoint)")
@@ -108,7 +121,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
     configure_wandb(training_args.report_to, training_args.output_dir)
     set_seed(training_args.seed)
     model = build_model(model_args, tokenizer)
-    num_parameters = sum(p.numel() for p in model.parameters())
+    num_parameters = training.count_parameters(model)
     logger.info(
         "model: %s, %.2fM parameters, attention %s",
         type(model).__name__,
@@ -127,7 +140,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
             * training_args.gradient_accumulation_steps
             * data_parallel,
             num_parameters=num_parameters,
-            world_size=training_args.world_size,
+            world_size=world_size,
             peak_flops=training_args.peak_flops or training.device_peak_flops(),
         )
     ]
@@ -139,7 +152,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
     ###############
     # Trainer
     ###############
-    trainer = Trainer(
+    trainer = training.LongContextTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset["train"],
@@ -152,6 +165,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
     if trainer.is_world_process_zero():
         resolved = resolved_config(model_args, data_args, training_args)
         resolved.pop("parallelism_config", None)  # rebuilt from sp_size
+        if getattr(training_args, "deepspeed_config_path", None):
+            resolved["deepspeed"] = training_args.deepspeed_config_path
         config_text = yaml.safe_dump(resolved, sort_keys=False)
         atomic_write_text(
             output_dir / "config.yaml", "# Resolved config of this run; --config it to repeat.\n" + config_text
@@ -177,6 +192,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
     if checkpoint is not None:
+        training.check_resume_supported(training_args, checkpoint)
         training.check_resume_compatible(checkpoint, model.config)
 
     ###############
@@ -223,7 +239,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if training_args.dry_run:
             if model_args.model_name_or_path is None:
                 raise LongRopeError("dry_run: needs model_name_or_path (the architecture to shrink)")
-            metrics = training.dry_run(model_args.model_name_or_path, model_args.config_overrides, training_args)
+            architecture = model_args.model_name_or_path
+            if not Path(architecture).exists() and training_args.dry_run_architecture:
+                architecture = training_args.dry_run_architecture
+            metrics = training.dry_run(architecture, model_args.config_overrides, training_args)
         else:
             metrics = train(model_args, data_args, training_args)
     except LongRopeError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,11 @@ def resolve_attn_implementation(requested: str) -> str:
     if requested == "auto":
         return "flash_attention_2" if flash_ready else "sdpa"
     if requested == "flash_attention_2" and not flash_ready:
-        raise LongRopeError("attn_implementation: flash_attention_2 needs a CUDA device and flash-attn; use sdpa")
+        warnings.warn(
+            "attn_implementation: flash_attention_2 needs a CUDA device and flash-attn; falling back to sdpa",
+            stacklevel=2,
+        )
+        return "sdpa"
     return requested
 
 

@@ -1,0 +1,490 @@
+"""train.py for long-context fine-tuning: RoPE keys and their one-line errors, the saved rope config, sequence-parallel
+checks, the dry run of every shipped recipe, and real 2-process runs (DeepSpeed ZeRO-3 + Ulysses SP over gloo)
+checked against a 1-process run on the same batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train
+from longrope import data, factors, rope, training
+from longrope.errors import LongRopeError
+
+ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL = 64
+TARGET = 256
+SEQ_LEN = 256
+
+
+def _tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=ORIGINAL,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def _searched_like_scaling(config) -> rope.RopeScaling:
+    geometry = rope.RopeGeometry.from_config(config)
+    # Monotone factors between extrapolation and 4x interpolation, as a search would produce; short factors 1.0.
+    long_factors = [1.0 + 3.0 * i / (geometry.num_pairs - 1) for i in range(geometry.num_pairs)]
+    return rope.longrope_scaling(geometry, TARGET, long_factors, [1.0] * geometry.num_pairs)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random Llama with a byte tokenizer, a 4x factors file, and two prepared datasets of identical rows:
+    one continuous 256-token sequence, and one row packing several documents with restarting position ids."""
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("scale")
+    tokenizer = data.build_byte_tokenizer()
+    # initializer_range 0.2: sharp enough attention that the RoPE factors visibly change the loss of a random model.
+    config = _tiny_llama_config(
+        len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    factors.save(root / "factors.json", _searched_like_scaling(config), {"note": "test factors"})
+
+    text = "".join(document.text for document in data.stdlib_documents(max_files=3))
+    ids = [tokenizer.bos_token_id] + list(text.encode("utf-8")[: SEQ_LEN - 2]) + [tokenizer.eos_token_id]
+    ids = [min(token, len(tokenizer) - 1) for token in ids]
+    rows = 16
+    continuous = {"input_ids": [ids] * rows, "position_ids": [list(range(SEQ_LEN))] * rows}
+    DatasetDict({"train": Dataset.from_dict(continuous)}).save_to_disk(str(root / "continuous"))
+    data_bytes = [min(token, len(tokenizer) - 1) for token in text.encode("utf-8")]
+    varied_ids = [[tokenizer.bos_token_id] + data_bytes[i * 200 : i * 200 + SEQ_LEN - 1] for i in range(rows)]
+    varied = {"input_ids": varied_ids, "position_ids": [list(range(SEQ_LEN))] * rows}
+    DatasetDict({"train": Dataset.from_dict(varied)}).save_to_disk(str(root / "varied"))
+    lengths = [40, 100, 56, 60]  # documents shorter and longer than the 64-token original window
+    packed_positions = [p for length in lengths for p in range(length)]
+    packed = {"input_ids": [ids] * rows, "position_ids": [packed_positions] * rows}
+    DatasetDict({"train": Dataset.from_dict(packed)}).save_to_disk(str(root / "packed"))
+    return root
+
+
+def _config(world: Path, dataset: str, output_dir: Path, **overrides) -> Path:
+    values = {
+        "model_name_or_path": str(world / "model"),
+        "attn_implementation": "sdpa",
+        "rope_method": "longrope",
+        "rope_factors_path": str(world / "factors.json"),
+        "dataset_path": str(world / dataset),
+        "output_dir": str(output_dir),
+        "max_steps": 2,
+        "per_device_train_batch_size": 1,
+        "learning_rate": 1.0e-3,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 0,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    values.update(overrides)
+    path = output_dir.with_suffix(".yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "train.py",
+        "--config",
+        str(config),
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _losses(output_dir: Path) -> list[float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def _weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(output_dir / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Keys and their errors (fast, in process)
+
+
+def test_rope_keys_are_checked_before_any_work(world, tmp_path):
+    cases = [
+        ({"rope_method": "linear"}, "rope_method: 'linear' is not one of"),
+        ({"rope_factors_path": None}, "rope_factors_path: required with rope_method longrope"),
+        ({"rope_method": "pi", "rope_factors_path": None}, "target_length: required with rope_method pi"),
+        ({"rope_method": "yarn", "target_length": 256}, "rope_factors_path: only read with rope_method longrope"),
+        ({"sp_size": 0}, "sp_size: 0 must be a positive integer"),
+        ({"rope_mscale": "huge"}, "rope_mscale: 'huge' is not a number"),
+    ]
+    for overrides, expected in cases:
+        config = _config(world, "continuous", tmp_path / "out", **overrides)
+        with pytest.raises(SystemExit) as raised:
+            train.main(["--config", str(config)])
+        message = str(raised.value)
+        assert expected in message, (overrides, message)
+        assert "\n" not in message
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_factors_file_for_another_model_is_a_one_line_error(world, tmp_path):
+    other = _tiny_llama_config(300, head_dim=16)
+    factors.save(tmp_path / "other.json", _searched_like_scaling(other))
+    other_theta = _tiny_llama_config(300, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    factors.save(tmp_path / "theta.json", _searched_like_scaling(other_theta))
+    for name, expected in (("other.json", "head_dim 16"), ("theta.json", "rope_theta 500000")):
+        config = _config(world, "continuous", tmp_path / "out", rope_factors_path=str(tmp_path / name))
+        with pytest.raises(SystemExit) as raised:
+            train.main(["--config", str(config)])
+        assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_start_tokens_are_refused_unless_allowed(world, tmp_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(world / "model")
+    scaling = rope.with_start_tokens(factors.load(world / "factors.json").scaling, 4)
+    factors.save(tmp_path / "start.json", scaling)
+    args = training.LongRopeTrainingArguments(
+        output_dir=str(tmp_path), rope_method="longrope", rope_factors_path=str(tmp_path / "start.json")
+    )
+    with pytest.raises(LongRopeError, match="allow_start_tokens: true"):
+        training.resolve_rope(args, config)
+    args.allow_start_tokens = True
+    assert training.resolve_rope(args, config).scaling.start_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, seq_len, world_size, expected",
+    [
+        (2, 2, 256, 3, "does not divide the 3 launched process(es)"),
+        (3, 3, 256, 2, "num_attention_heads (3)"),
+        (4, 1, 256, 2, "num_key_value_heads (1)"),
+        (2, 2, 255, 2, "sequence length 255"),
+    ],
+)
+def test_sequence_parallel_mismatches_are_one_line_errors(heads, kv_heads, seq_len, world_size, expected):
+    config = _tiny_llama_config(100, hidden_size=32 * heads, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    with pytest.raises(LongRopeError) as raised:
+        training.validate_sequence_parallel(config, 2, seq_len, world_size)
+    assert expected in str(raised.value) and str(raised.value).startswith("sp_size: 2")
+    training.validate_sequence_parallel(_tiny_llama_config(100), 2, 256, 2)  # a fitting setup passes
+
+
+def test_sp_size_above_one_sets_the_deepspeed_parallelism_config(tmp_path):
+    args = training.LongRopeTrainingArguments(
+        output_dir=str(tmp_path), sp_size=2, deepspeed=str(ROOT / "configs/deepspeed/zero3.json")
+    )
+    assert args.parallelism_config.sp_backend == "deepspeed" and args.parallelism_config.sp_size == 2
+    assert args.deepspeed["sequence_parallel_size"] == 2 and "train_batch_size" not in args.deepspeed
+    assert args.deepspeed_config_path.endswith("zero3.json")
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # the deepspeed key registered ZeRO-3 for this process; later tests build plain models
+
+
+def test_installed_rope_is_saved_as_a_stock_longrope_config_with_equal_logits(world, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    args = training.LongRopeTrainingArguments(
+        output_dir=str(tmp_path), rope_method="longrope", rope_factors_path=str(world / "factors.json")
+    )
+    model = AutoModelForCausalLM.from_pretrained(world / "model", attn_implementation="sdpa")
+    resolved = training.resolve_rope(args, AutoConfig.from_pretrained(world / "model"))
+    training.install_rope(model, resolved)
+    model.save_pretrained(tmp_path / "saved")
+
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "longrope"
+    assert saved["max_position_embeddings"] == TARGET
+    assert saved[training.SHA256_CONFIG_KEY] == factors.sha256_file(world / "factors.json")
+
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="sdpa").eval()
+    assert not rope.installed_modules(stock)
+    input_ids = torch.randint(0, 200, (1, 200))
+    with torch.no_grad():
+        expected = model.eval()(input_ids).logits
+        got = stock(input_ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    training.check_resume_compatible(tmp_path / "saved", model.config)
+    other = _tiny_llama_config(model.config.vocab_size, max_position_embeddings=ORIGINAL)
+    with pytest.raises(LongRopeError, match="max_position_embeddings = 256 but this run has 64"):
+        training.check_resume_compatible(tmp_path / "saved", other)
+
+
+def test_single_process_fine_tune_carries_the_factors_into_output_and_checkpoints(world, tmp_path):
+    output_dir = tmp_path / "single"
+    config = _config(
+        world, "continuous", output_dir, save_strategy="steps", save_steps=1, save_total_limit=2, peak_flops=1e12
+    )
+    train.main(["--config", str(config)])
+    saved = json.loads((output_dir / "config.json").read_text())
+    digest = factors.sha256_file(world / "factors.json")
+    assert saved[training.SHA256_CONFIG_KEY] == digest
+    assert factors.sha256_file(output_dir / training.FACTORS_FILE_NAME) == digest
+    checkpoints = sorted(output_dir.glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-1", "checkpoint-2"]
+    for checkpoint in checkpoints:
+        assert factors.sha256_file(checkpoint / training.FACTORS_FILE_NAME) == digest
+        assert json.loads((checkpoint / "config.json").read_text())["rope_parameters"]["rope_type"] == "longrope"
+    inputs = json.loads((output_dir / "inputs.json").read_text())
+    assert inputs["rope_factors_sha256"] == digest
+    logged = [entry for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]]
+    assert all(entry["tokens_per_second"] > 0 and entry["peak_memory_gib"] > 0 for entry in logged if "loss" in entry)
+    assert all(entry["mfu"] > 0 for entry in logged if "loss" in entry)  # peak_flops is set in this run
+
+
+def test_mixed_context_windows_train_short_sequences_with_the_original_rope(world, tmp_path):
+    from transformers import AutoConfig
+
+    args = training.LongRopeTrainingArguments(
+        output_dir=str(tmp_path),
+        rope_method="yarn",
+        target_length=TARGET,
+        mixed_context_windows=True,
+    )
+    resolved = training.resolve_rope(args, AutoConfig.from_pretrained(world / "model"))
+    assert resolved.scaling.short_factors == (1.0,) * 16 and resolved.scaling.long_factors != (1.0,) * 16
+    module = rope.ScaledRotaryEmbedding(resolved.scaling)
+    base = rope.ScaledRotaryEmbedding(rope.none_scaling(resolved.scaling.geometry))
+    x = torch.zeros(1, 1, 8)
+    # A packed row whose documents all fit the 64-token window rotates exactly as the original model...
+    short_row = torch.cat([torch.arange(40), torch.arange(60)])[None]
+    torch.testing.assert_close(module(x, short_row)[0], base(x, short_row)[0] * resolved.scaling.mscale)
+    # ...and a row holding a longer document uses the long factors.
+    long_row = torch.arange(100)[None]
+    assert not torch.allclose(module(x, long_row)[0], base(x, long_row)[0] * resolved.scaling.mscale)
+    with pytest.raises(LongRopeError, match="mixed_context_windows: needs a rope_method"):
+        training.LongRopeTrainingArguments(output_dir=str(tmp_path), mixed_context_windows=True)
+
+
+def test_a_dataset_smaller_than_one_global_batch_is_a_one_line_error(world, tmp_path):
+    config = _config(world, "continuous", tmp_path / "out", per_device_train_batch_size=32)
+    with pytest.raises(SystemExit, match="holds 16 training rows, fewer than one global batch"):
+        train.main(["--config", str(config)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dry run of every shipped fine-tuning recipe
+
+
+FINETUNE_CONFIGS = sorted(ROOT.glob("configs/*/finetune-*.yaml"))
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_shipped_finetune_recipe_dry_runs(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    metrics = train.main(["--config", str(path.relative_to(ROOT)), "--dry_run", "true"])
+    assert torch.isfinite(torch.tensor(metrics["dry_run_loss"]))
+    raw = yaml.safe_load(path.read_text())
+    assert metrics["rope"] == (None if raw.get("rope_method", "none") == "none" else raw["rope_method"])
+    assert metrics["num_attention_heads"] % raw.get("sp_size", 1) == 0
+
+
+def test_dry_run_knows_the_paper_architectures_offline():
+    config = training.dry_run_config("mistralai/Mistral-7B-v0.1", {"sliding_window": None})
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (32, 8, 128)
+    assert config.sliding_window is None and config.num_hidden_layers == 2
+    with pytest.raises(LongRopeError, match="dry_run knows no architecture for 'org/unknown'"):
+        training.dry_run_config("org/unknown")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real processes: 2 ranks (ZeRO-3 + Ulysses SP=2) against 1 process on the same batch
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(world):
+    """The 2-rank runs, launched once: continuous rows and packed multi-document rows, both with the factors."""
+    results = {}
+    for dataset in ("continuous", "packed"):
+        output_dir = world / f"sp2-{dataset}"
+        config = _config(world, dataset, output_dir)
+        completed = _torchrun(config, "--sp_size", "2", "--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"))
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        results[dataset] = output_dir
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("dataset", ["continuous", "packed"])
+def test_zero3_sequence_parallel_matches_one_process(world, two_rank_runs, dataset, tmp_path):
+    single_dir = tmp_path / "single"
+    train.main(["--config", str(_config(world, dataset, single_dir))])
+    sp_dir = two_rank_runs[dataset]
+
+    single_losses, sp_losses = _losses(single_dir), _losses(sp_dir)
+    assert len(single_losses) == len(sp_losses) == 2
+    torch.testing.assert_close(torch.tensor(sp_losses), torch.tensor(single_losses), rtol=1e-4, atol=0)
+
+    # The Trainer gathers the ZeRO-3 shards into full weights on save (stage3_gather_16bit_weights_on_model_save).
+    single_weights, sp_weights = _weights(single_dir), _weights(sp_dir)
+    assert set(single_weights) == set(sp_weights)
+    initial = _weights(world / "model")
+    moved = max((single_weights[k] - initial[k]).abs().max().item() for k in single_weights)
+    assert moved > 1e-4  # the two steps changed the weights, so equality below is about the updates
+    for key in single_weights:
+        torch.testing.assert_close(sp_weights[key], single_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+
+    saved = json.loads((sp_dir / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "longrope"
+    assert saved[training.SHA256_CONFIG_KEY] == factors.sha256_file(world / "factors.json")
+
+
+@pytest.mark.distributed
+def test_the_factors_change_the_loss_so_every_rank_applied_them(world, two_rank_runs, tmp_path):
+    without = tmp_path / "none"
+    train.main(["--config", str(_config(world, "continuous", without, rope_method="none", rope_factors_path=None))])
+    # The 2-rank loss equals the 1-process loss with factors (test above) and differs from the loss without them.
+    assert abs(_losses(without)[0] - _losses(two_rank_runs["continuous"])[0]) > 1e-3
+
+
+@pytest.mark.distributed
+def test_sp_size_not_dividing_the_launch_is_one_line_before_any_work(world, tmp_path):
+    config = _config(world, "continuous", tmp_path / "out")
+    completed = _torchrun(config, "--sp_size", "4", "--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"))
+    assert completed.returncode != 0
+    assert "train.py: error: sp_size: 4 does not divide the 2 launched process(es)" in completed.stderr
+    assert "Traceback (most recent call last)" not in completed.stderr.split("train.py: error")[0]
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory-linear loss
+
+
+def test_chunked_loss_and_gradients_equal_the_plain_loss():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 37, 16, requires_grad=True)
+    lm_head = torch.nn.Linear(16, 50, bias=False)
+    labels = torch.randint(0, 50, (2, 37))
+    labels[0, :5] = -100
+    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+
+    plain = torch.nn.functional.cross_entropy(
+        lm_head(hidden).reshape(-1, 50), shift_labels.reshape(-1), ignore_index=-100
+    )
+    plain.backward()
+    expected_grads = hidden.grad.clone(), lm_head.weight.grad.clone()
+    hidden.grad = None
+    lm_head.weight.grad = None
+
+    nll_sum, tokens = training.chunked_causal_lm_loss(hidden, lm_head, shift_labels, chunk_size=8)
+    chunked = nll_sum / tokens
+    chunked.backward()
+    assert tokens.item() == 2 * 36 - 4  # labels 1..4 of row 0 are masked (label 0 is never a target)
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(hidden.grad, expected_grads[0])
+    torch.testing.assert_close(lm_head.weight.grad, expected_grads[1])
+
+
+def test_trainer_with_loss_chunk_size_trains_like_the_plain_loss(world, tmp_path):
+    plain_dir, chunked_dir = tmp_path / "plain", tmp_path / "chunked"
+    train.main(["--config", str(_config(world, "continuous", plain_dir, gradient_accumulation_steps=2))])
+    chunked = _config(world, "continuous", chunked_dir, gradient_accumulation_steps=2, loss_chunk_size=48)
+    train.main(["--config", str(chunked)])
+    torch.testing.assert_close(torch.tensor(_losses(chunked_dir)), torch.tensor(_losses(plain_dir)), rtol=1e-5, atol=0)
+    for key, value in _weights(plain_dir).items():
+        torch.testing.assert_close(_weights(chunked_dir)[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume after a SIGKILL (ZeRO-3, 2 ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_killed_two_rank_zero3_run_resumes_to_the_uninterrupted_loss_trajectory(world, tmp_path):
+    import signal
+    import time
+
+    zero3 = str(ROOT / "configs/deepspeed/zero3.json")
+    # Distinct rows, so a resume that replayed or skipped the wrong data would change the losses.
+    settings = dict(max_steps=8, save_strategy="steps", save_steps=1, lr_scheduler_type="linear")
+    whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
+    completed = _torchrun(_config(world, "varied", whole_dir, **settings), "--deepspeed", zero3)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    killed_config = _config(world, "varied", killed_dir, **settings)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command += [str(_free_port()), "train.py", "--config", str(killed_config), "--deepspeed", zero3]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (killed_dir / "checkpoint-2" / "trainer_state.json").exists():
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint-2 within 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (killed_dir / "model.safetensors").exists()  # killed mid-run, not after it
+
+    completed = _torchrun(killed_config, "--deepspeed", zero3)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "resuming from" in completed.stderr
+    whole_losses = _losses(whole_dir)
+    assert len(set(whole_losses)) == len(whole_losses) == 8
+    torch.testing.assert_close(torch.tensor(_losses(killed_dir)), torch.tensor(whole_losses), rtol=1e-5, atol=0)
+    for key, value in _weights(whole_dir).items():
+        torch.testing.assert_close(_weights(killed_dir)[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resuming_a_sequence_parallel_run_needs_ignore_data_skip(tmp_path):
+    args = training.LongRopeTrainingArguments(output_dir=str(tmp_path), sp_size=2)
+    with pytest.raises(LongRopeError, match="ignore_data_skip: true"):
+        training.check_resume_supported(args, "outputs/x/checkpoint-3")
+    args.ignore_data_skip = True
+    training.check_resume_supported(args, "outputs/x/checkpoint-3")
+    training.check_resume_supported(training.LongRopeTrainingArguments(output_dir=str(tmp_path)), "checkpoint-3")
