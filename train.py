@@ -42,6 +42,7 @@ from typing import Any
 from longrope import training
 from longrope.args import DataArguments, ModelArguments, parse_config, resolved_config
 from longrope.data import PackedCollator, load_prepared_dataset, read_summary
+from longrope.distributed import shutdown_distributed
 from longrope.errors import LongRopeError
 from longrope.io import atomic_write_json, atomic_write_text
 from longrope.modeling import build_model, load_tokenizer
@@ -247,6 +248,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             metrics = train(model_args, data_args, training_args)
     except LongRopeError as error:
         raise SystemExit(f"train.py: error: {error}") from None
+    finally:
+        # An implicit teardown at interpreter exit can abort a rank ("terminate called without an active
+        # exception") after training finished; end the process group while every rank is still alive.
+        shutdown_distributed()
     logger.info("metrics: %s", json.dumps(metrics))
     return metrics
 
