@@ -30,27 +30,12 @@ from longrope.data import (
     build_byte_tokenizer,
     describe_sources,
     prepare_dataset,
-    require_bos_eos,
     save_dataset_atomically,
 )
 from longrope.errors import LongRopeError
+from longrope.modeling import load_tokenizer
 
 logger = logging.getLogger("prepare")
-
-
-def _load_tokenizer(name_or_path: str | None):
-    from transformers import AutoTokenizer
-
-    if name_or_path is None:
-        raise LongRopeError("tokenizer_name_or_path: required to tokenize; e.g. models/tiny")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise LongRopeError(
-            f"tokenizer_name_or_path: cannot load '{name_or_path}' ({str(error).splitlines()[0]})"
-        ) from None
-    require_bos_eos(tokenizer)
-    return tokenizer
 
 
 def prepare(data_args: DataArguments, prepare_args: PrepareArguments | None = None) -> dict:
@@ -65,7 +50,7 @@ def prepare(data_args: DataArguments, prepare_args: PrepareArguments | None = No
     if data_args.dataset_path is None:
         raise LongRopeError("dataset_path: required; the folder the prepared dataset is written to")
 
-    tokenizer = _load_tokenizer(data_args.tokenizer_name_or_path)
+    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)
     dataset, counts = prepare_dataset(data_args, tokenizer)
     summary = {
         **counts,

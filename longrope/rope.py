@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -118,12 +118,6 @@ class RopeScaling:
     @property
     def scale(self) -> float:
         return self.max_position_embeddings / self.geometry.original_max_position_embeddings
-
-    def factors_for_length(self, length: int) -> tuple[float, ...]:
-        """The factor set a sequence of ``length`` tokens uses (static methods)."""
-        if self.short_factors is not None and length <= self.geometry.original_max_position_embeddings:
-            return self.short_factors
-        return self.long_factors
 
 
 def validate_factors(factors: Sequence[float], geometry: RopeGeometry, name: str = "factors") -> None:
@@ -363,10 +357,6 @@ def build_scaling(
     return METHOD_FUNCTIONS[canonical_method(method)](geometry, target_length=target_length, **options)
 
 
-def with_start_tokens(scaling: RopeScaling, start_tokens: int) -> RopeScaling:
-    return replace(scaling, start_tokens=start_tokens)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The installed module
 
@@ -563,8 +553,3 @@ def select_factors(model: nn.Module, selection: str) -> None:
 
 def installed_modules(model: nn.Module) -> list[ScaledRotaryEmbedding]:
     return [module for module in model.modules() if isinstance(module, ScaledRotaryEmbedding)]
-
-
-def installed_scaling(model: nn.Module) -> RopeScaling | None:
-    modules = installed_modules(model)
-    return modules[0].scaling if modules else None

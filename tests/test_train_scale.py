@@ -4,6 +4,7 @@ checked against a 1-process run on the same batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -190,7 +191,7 @@ def test_start_tokens_are_refused_unless_allowed(world, tmp_path):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(world / "model")
-    scaling = rope.with_start_tokens(factors.load(world / "factors.json").scaling, 4)
+    scaling = dataclasses.replace(factors.load(world / "factors.json").scaling, start_tokens=4)
     factors.save(tmp_path / "start.json", scaling)
     args = training.LongRopeTrainingArguments(
         output_dir=str(tmp_path), rope_method="longrope", rope_factors_path=str(tmp_path / "start.json")
