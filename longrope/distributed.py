@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longrope.errors import LongRopeError
+
 
 def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -75,3 +77,20 @@ def device_for_rank(gpus_per_process: int = 1) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() * gpus_per_process)
     return torch.device("cpu")
+
+
+def check_sequence_parallel_heads(config: Any, sp_size: int, key: str = "sp_size") -> None:
+    """DeepSpeed Ulysses splits attention heads over the sequence-parallel ranks: the query heads must divide evenly,
+    and the KV heads either divide evenly or are fewer and divide sp_size (then DeepSpeed replicates them)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % sp_size:
+        raise LongRopeError(
+            f"{key}: {sp_size} does not divide the model's num_attention_heads ({heads}); use a divisor"
+        )
+    if kv_heads % sp_size and sp_size % kv_heads:
+        raise LongRopeError(
+            f"{key}: {sp_size} and the model's num_key_value_heads ({kv_heads}) must divide one another (DeepSpeed "
+            "Ulysses replicates KV heads only by a whole factor); use a divisor or a multiple of it"
+        )

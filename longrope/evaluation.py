@@ -209,13 +209,7 @@ def setup_sequence_parallel(model: Any, size: int) -> Any:
         raise LongRopeError(
             f"sequence_parallel_size: {size} but {world} processes were launched; use torchrun --nproc_per_node {size}"
         )
-    config = model.config.get_text_config()
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
-    if heads % size or kv_heads % size and size % kv_heads:
-        raise LongRopeError(
-            f"sequence_parallel_size: {size} does not divide the {heads} attention heads / {kv_heads} KV heads; "
-            "choose a divisor"
-        )
+    distributed.check_sequence_parallel_heads(model.config, size, "sequence_parallel_size")
     import deepspeed
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 

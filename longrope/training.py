@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from longrope import factors as factors_io
 from longrope import rope
+from longrope.distributed import check_sequence_parallel_heads
 from longrope.errors import LongRopeError
 
 logger = logging.getLogger(__name__)
@@ -417,13 +418,7 @@ def validate_sequence_parallel(config: Any, sp_size: int, seq_len: int, world_si
             f"sp_size: {sp_size} does not divide the {world_size} launched process(es); launch a multiple of "
             f"{sp_size} processes (torchrun --nproc_per_node {sp_size}) or lower sp_size"
         )
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    for name, count in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
-        if count % sp_size:
-            raise LongRopeError(
-                f"sp_size: {sp_size} does not divide the model's {name} ({count}); use a divisor of {count}"
-            )
+    check_sequence_parallel_heads(config, sp_size)
     if seq_len % sp_size:
         raise LongRopeError(
             f"sp_size: {sp_size} does not divide the sequence length {seq_len}; prepare the data with a "

@@ -207,7 +207,7 @@ def test_start_tokens_are_refused_unless_allowed(world, tmp_path):
     [
         (2, 2, 256, 3, "does not divide the 3 launched process(es)"),
         (3, 3, 256, 2, "num_attention_heads (3)"),
-        (4, 1, 256, 2, "num_key_value_heads (1)"),
+        (6, 3, 256, 2, "num_key_value_heads (3) must divide one another"),
         (2, 2, 255, 2, "sequence length 255"),
     ],
 )
@@ -217,6 +217,9 @@ def test_sequence_parallel_mismatches_are_one_line_errors(heads, kv_heads, seq_l
         training.validate_sequence_parallel(config, 2, seq_len, world_size)
     assert expected in str(raised.value) and str(raised.value).startswith("sp_size: 2")
     training.validate_sequence_parallel(_tiny_llama_config(100), 2, 256, 2)  # a fitting setup passes
+    # Fewer KV heads than ranks is fine when they divide sp_size: DeepSpeed replicates them (GQA, e.g. 8 KV heads, sp 16).
+    gqa = _tiny_llama_config(100, hidden_size=128, num_attention_heads=4, num_key_value_heads=1)
+    training.validate_sequence_parallel(gqa, 2, 256, 2)
 
 
 def test_sp_size_above_one_sets_the_deepspeed_parallelism_config(tmp_path):
