@@ -221,6 +221,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
     # Training runs without the KV cache; the saved model should generate with it.
     model.config.use_cache = True
     trainer.save_model(str(output_dir))
+    # DeepSpeed's autograd hooks tie the engine and the ZeRO-3 parameters together through native references the
+    # garbage collector cannot see; only engine.destroy() unties them, so their process groups (and threads) can
+    # be freed before interpreter exit rather than in its arbitrary teardown order.
+    trainer.accelerator.free_memory()
     return metrics
 
 

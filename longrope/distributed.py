@@ -5,7 +5,9 @@ search.py and evaluate.py use plain process groups (gloo on CPU, nccl on GPUs); 
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from typing import Any
 
 import torch
@@ -30,8 +32,51 @@ def init_distributed() -> None:
 
 
 def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """End the process group and free every process group object libraries still hold.
+
+    ``destroy_process_group`` only unregisters the groups: ZeRO-3 parameters, the DeepSpeed engine, accelerate's
+    state and deepspeed's module globals keep the gloo/nccl groups (and their native threads) alive until interpreter
+    exit, where their teardown order is arbitrary and can abort a rank ("terminate called without an active
+    exception") after the work is done. Collect them here, while every rank is alive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()  # the Trainer/engine reference cycles that still hold ZeRO-3 parameters
+    dist.destroy_process_group()
+    _forget_library_process_groups()
+    gc.collect()
+
+
+# Modules whose globals cache process groups (ZeRO, Ulysses sequence parallelism, its all-to-all groups).
+_LIBRARY_GROUP_CACHES = (
+    "deepspeed.utils.groups",
+    "deepspeed.runtime.sequence_parallel.parallel_state_sp",
+    "deepspeed.sequence.layer",
+)
+
+
+def _forget_library_process_groups() -> None:
+    for module_name in _LIBRARY_GROUP_CACHES:
+        module = sys.modules.get(module_name)
+        for name, value in vars(module).items() if module is not None else ():
+            if isinstance(value, dist.ProcessGroup):
+                setattr(module, name, None)
+            elif isinstance(value, (dict, list)):
+                values = value.values() if isinstance(value, dict) else value
+                if any(isinstance(item, dist.ProcessGroup) for item in values):
+                    value.clear()
+    attention = sys.modules.get("transformers.modeling_utils")
+    if attention is not None:
+        # Ulysses replaces the core attention (e.g. sdpa) in place with a wrapper holding its group; restore it.
+        overrides = attention.ALL_ATTENTION_FUNCTIONS._local_mapping
+        for key in [key for key, fn in overrides.items() if getattr(fn, "__module__", "").endswith(".ulysses_sp")]:
+            del overrides[key]
+    zero_offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if zero_offload is not None:
+        zero_offload.FWD_MODULE_STACK.clear()  # holds the last ZeRO-3 module, so its parameters' groups
+    accelerate_state = sys.modules.get("accelerate.state")
+    if accelerate_state is not None:
+        accelerate_state.AcceleratorState._reset_state(reset_partial_state=True)  # its device mesh holds groups
 
 
 def rank() -> int:
