@@ -1,11 +1,13 @@
 # `make test`: create the virtualenv when needed, install the pinned CPU stack, run the test suite.
+# `make demo`: create the virtualenv and install when needed, then run the whole LongRoPE method on the embedded tiny
+# model (longrope/pipeline.py; about 25 minutes on 2 cores).
 # `make lint`: ruff.  Override the interpreter with `make PYTHON=python3.11 test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint install clean-venv
+.PHONY: test demo lint install clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +27,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+# Resumes an interrupted run; `make demo DEMO_ARGS=--fresh` starts over.
+demo: $(STAMP)
+	$(PY) -m longrope.pipeline --output_dir outputs/demo --publish docs/demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -207,7 +207,10 @@ def plan_stage(args: SearchArguments, model_config: Any) -> StagePlan:
         seeds = {
             "original": Candidate(tuple(1.0 for _ in base.long_factors)),
             "long_capped": Candidate(capped),
-            "long_compressed": Candidate(stretch_factors(base.long_factors, long_scale, cap)),
+            # Long factors may exceed their scale (the space reaches 1.25 s), so the compressed ones may exceed cap.
+            "long_compressed": Candidate(
+                tuple(min(v, cap) for v in stretch_factors(base.long_factors, long_scale, cap))
+            ),
         }
         if base.short_factors is not None:
             seeds["short"] = Candidate(tuple(min(v, cap) for v in base.short_factors))
