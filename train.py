@@ -22,6 +22,14 @@ Check a recipe without weights, data or GPUs (its architecture shrunk to 2 tiny 
 
     python train.py --config configs/llama2-7b/finetune-128k.yaml --dry_run true
 
+Estimate its per-GPU memory (nothing is trained; --estimate_world_size / --estimate_seq_len ask "what if"):
+
+    python train.py --config configs/llama2-7b/finetune-256k.yaml --estimate_memory true
+
+LoRA instead of full fine-tuning (PEFT; embeddings and norms train in full, output_dir gets the merged model):
+
+    torchrun --nproc_per_node 2 train.py --config configs/tiny/finetune-8x-lora.yaml
+
 Keys: longrope/args.py (ModelArguments, DataArguments) and longrope/training.py (LongRopeTrainingArguments:
 transformers' TrainingArguments plus the RoPE, sequence-parallel, loss and dry-run keys). output_dir receives the
 model and tokenizer (stock transformers format; a fine-tune's config.json has rope_type longrope and the factors
@@ -111,8 +119,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
             ) from None
         training.validate_sequence_parallel(model_config, training_args.sp_size, seq_len, world_size)
         resolved_rope = training.resolve_rope(training_args, model_config)
-    elif training_args.rope_method != "none" or training_args.sp_size > 1:
-        raise LongRopeError("rope_method / sp_size: fine-tuning keys; set model_name_or_path (a checkpoint)")
+    elif training_args.rope_method != "none" or training_args.sp_size > 1 or training_args.lora_r:
+        raise LongRopeError("rope_method / sp_size / lora_r: fine-tuning keys; set model_name_or_path (a checkpoint)")
     else:
         resolved_rope = None
 
@@ -149,6 +157,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
         training.install_rope(model, resolved_rope, allow_start_tokens=training_args.allow_start_tokens)
         callbacks.append(training.FactorsCopyCallback(resolved_rope))
         logger.info("rope: %s", rope_summary(resolved_rope))
+
+    ###############
+    # Memory options: LoRA wraps the model with its RoPE installed; the tiles wrap whatever MLP results.
+    ###############
+    if training_args.lora_r:
+        model = training.apply_lora(model, training_args)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info("lora: rank %d, %.2fM trainable parameters", training_args.lora_r, trainable / 1e6)
+    if training_args.tiled_mlp:
+        logger.info("tiled_mlp: %d MLPs tiled", training.enable_tiled_mlp(model, training_args.tiled_mlp_shards))
 
     ###############
     # Trainer
@@ -218,9 +236,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
 
-    # Training runs without the KV cache; the saved model should generate with it.
-    model.config.use_cache = True
-    trainer.save_model(str(output_dir))
+    if training_args.lora_r:
+        # The adapters merged into the starting weights: one stock transformers model, rope config included.
+        training.save_merged_lora(trainer, model_args, output_dir)
+    else:
+        # Training runs without the KV cache; the saved model should generate with it.
+        model.config.use_cache = True
+        trainer.save_model(str(output_dir))
     # DeepSpeed's autograd hooks tie the engine and the ZeRO-3 parameters together through native references the
     # garbage collector cannot see; only engine.destroy() unties them, so their process groups (and threads) can
     # be freed before interpreter exit rather than in its arbitrary teardown order.
@@ -241,7 +263,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_args, data_args, training_args = parse_config(
             (ModelArguments, DataArguments, LongRopeTrainingArguments), argv
         )
-        if training_args.dry_run:
+        if training_args.estimate_memory:
+            estimate = training.estimate_for_config(model_args, data_args, training_args)
+            print(
+                f"Per-GPU memory estimate: {estimate.seq_len} tokens, sp_size {training_args.sp_size}, "
+                f"{estimate.world_size} GPUs, {estimate.num_parameters / 1e9:.2f}B parameters "
+                f"({estimate.trainable_parameters / 1e9:.2f}B trained)\n{estimate.table()}",
+                flush=True,
+            )
+            metrics = estimate.as_dict()
+        elif training_args.dry_run:
             if model_args.model_name_or_path is None:
                 raise LongRopeError("dry_run: needs model_name_or_path (the architecture to shrink)")
             architecture = model_args.model_name_or_path

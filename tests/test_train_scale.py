@@ -347,11 +347,13 @@ def test_dry_run_knows_the_paper_architectures_offline():
 
 @pytest.fixture(scope="module")
 def two_rank_runs(world):
-    """The 2-rank runs, launched once: continuous rows and packed multi-document rows, both with the factors."""
+    """The 2-rank runs, launched once: continuous rows and packed multi-document rows, both with the factors; the
+    packed run also scores its loss in uneven loss_chunk_size chunks (each rank's 128 tokens as 48 + 48 + 32), so its
+    equality with the plain 1-process loss covers the chunked loss under ZeRO-3 + SP."""
     results = {}
     for dataset in ("continuous", "packed"):
         output_dir = world / f"sp2-{dataset}"
-        config = _config(world, dataset, output_dir)
+        config = _config(world, dataset, output_dir, **({"loss_chunk_size": 48} if dataset == "packed" else {}))
         completed = _torchrun(config, "--sp_size", "2", "--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"))
         assert completed.returncode == 0, completed.stderr[-3000:]
         results[dataset] = output_dir
@@ -530,3 +532,195 @@ def test_resuming_a_sequence_parallel_run_needs_ignore_data_skip(tmp_path):
     args.ignore_data_skip = True
     training.check_resume_supported(args, "outputs/x/checkpoint-3")
     training.check_resume_supported(training.LongRopeTrainingArguments(output_dir=str(tmp_path)), "checkpoint-3")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA (PEFT): adapters on q_proj and v_proj, embeddings and norms in full, the merged model saved
+
+
+LORA = {"lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"], "learning_rate": 1.0e-2}
+
+
+def test_lora_fine_tune_trains_only_adapters_embeddings_and_norms_and_saves_a_merged_stock_model(world, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    output_dir = tmp_path / "lora"
+    config = _config(world, "continuous", output_dir, save_strategy="steps", save_steps=2, **LORA)
+    train.main(["--config", str(config)])
+    initial, merged = _weights(world / "model"), _weights(output_dir)
+    assert set(merged) == set(initial)  # a plain model: no lora_ or base_layer keys
+    trained = {key for key in initial if not torch.equal(merged[key], initial[key])}
+    expected = {key for key in initial if any(part in key for part in ("q_proj", "v_proj", "embed_tokens", "norm"))}
+    assert trained == expected  # k_proj, o_proj, the MLPs and lm_head are bit-identical to the start
+
+    # The merge is PEFT's W + B A alpha / r with the adapters of the last checkpoint (step 2 = the last step).
+    checkpoint = output_dir / "checkpoint-2"
+    adapters = load_file(str(checkpoint / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    delta = adapters[f"{prefix}.lora_B.weight"] @ adapters[f"{prefix}.lora_A.weight"] * (8 / 4)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[key], initial[key] + delta, rtol=1e-5, atol=1e-6)
+    # The checkpoint also holds what PEFT's adapter files leave out: the embeddings and norms trained in full.
+    extra = load_file(str(checkpoint / training.LORA_TRAINABLE_FILE_NAME))
+    assert {name.split("model.model.", 1)[1] for name in extra} == {
+        key for key in expected if "q_proj" not in key and "v_proj" not in key
+    }
+    torch.testing.assert_close(
+        extra["base_model.model.model.embed_tokens.weight"], merged["model.embed_tokens.weight"]
+    )
+
+    saved = json.loads((output_dir / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "longrope" and saved["use_cache"]
+    assert saved[training.SHA256_CONFIG_KEY] == factors.sha256_file(world / "factors.json")
+    stock = AutoModelForCausalLM.from_pretrained(output_dir, attn_implementation="sdpa")
+    assert not rope.installed_modules(stock)
+    assert type(stock).__name__ == "LlamaForCausalLM" and stock.config.rope_parameters["rope_type"] == "longrope"
+    assert (output_dir / "tokenizer.json").is_file()
+
+
+def test_lora_keys_are_checked(world, tmp_path):
+    config = _config(world, "continuous", tmp_path / "out", lora_r=4, lora_trainable_modules=["embedings"])
+    with pytest.raises(SystemExit, match="lora_trainable_modules: no parameter name contains 'embedings'"):
+        train.main(["--config", str(config)])
+    config = _config(world, "continuous", tmp_path / "out", lora_r=4, lora_target_modules=["qproj"])
+    with pytest.raises(SystemExit, match="lora_target_modules: "):
+        train.main(["--config", str(config)])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lora_with_tiled_mlp_and_offload_under_zero3_and_sequence_parallelism_matches_one_process(world, tmp_path):
+    single_dir, sp_dir = tmp_path / "single", tmp_path / "sp2"
+    train.main(["--config", str(_config(world, "continuous", single_dir, **LORA))])
+    # The memory options ride along: TiledMLP (its per-slice ZeRO-3 gathers and delayed gradient reduction) and the
+    # checkpoint offload change nothing numerically, so the run must still equal the plain 1-process one.
+    memory = {"activation_checkpointing": True, "tiled_mlp": True, "offload_activations": True}
+    config = _config(world, "continuous", sp_dir, **LORA, **memory)
+    completed = _torchrun(config, "--sp_size", "2", "--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(_losses(sp_dir)), torch.tensor(_losses(single_dir)), rtol=1e-4, atol=0)
+    single, sharded = _weights(single_dir), _weights(sp_dir)
+    assert set(single) == set(sharded)
+    for key, value in single.items():
+        torch.testing.assert_close(sharded[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert json.loads((sp_dir / "config.json").read_text())["rope_parameters"]["rope_type"] == "longrope"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# W&B: the factors file as an artifact of the (offline) run
+
+
+def test_the_factors_file_is_logged_as_a_wandb_artifact(world, tmp_path, monkeypatch):
+    wandb_dir = tmp_path / "wandb-dir"
+    wandb_dir.mkdir()
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = _config(world, "continuous", tmp_path / "out", max_steps=1, report_to="wandb", run_name="artifact-test")
+    train.main(["--config", str(config)])
+    import wandb
+
+    wandb.finish()  # the Trainer leaves its run open until interpreter exit; close it so its file is complete
+
+    runs = sorted(wandb_dir.glob("wandb/offline-run-*"))
+    assert len(runs) == 1, runs
+    records = list(_wandb_records(next(runs[0].glob("*.wandb"))))
+    artifacts = [record.artifact for record in records if record.WhichOneof("record_type") == "artifact"]
+    factor_artifacts = [artifact for artifact in artifacts if artifact.type == "longrope-factors"]
+    assert len(factor_artifacts) == 1, [artifact.type for artifact in artifacts]
+    artifact = factor_artifacts[0]
+    digest = factors.sha256_file(world / "factors.json")
+    assert artifact.name == f"factors-{digest[:12]}"
+    entries = {entry.path: entry for entry in artifact.manifest.contents}
+    assert set(entries) == {training.FACTORS_FILE_NAME}
+    staged = Path(entries[training.FACTORS_FILE_NAME].local_path)
+    assert factors.sha256_file(staged) == digest  # the very file the run trained with
+
+
+def _wandb_records(path: Path):
+    """The protobuf records of an offline run's .wandb file: a 7-byte W&B header, then LevelDB-log blocks of 32 KiB
+    holding (crc32, length, type) framed chunks; wandb 0.31's Go core has no Python reader for it."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, position, pending = path.read_bytes(), 32768, 7, b""
+    assert data.startswith(b":W&B")
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk  # full, first / middle, last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory estimate against a real run
+
+
+@pytest.mark.slow
+def test_the_memory_estimate_tracks_a_real_run_between_two_lengths(tmp_path):
+    """The peak RSS of a CPU process holds the interpreter, libraries and model, so only the growth between two
+    lengths is compared: the estimate's activation and logits rows against the difference of the training peaks
+    ThroughputCallback logs (peak RSS since the first step began)."""
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = data.build_byte_tokenizer()
+    config = _tiny_llama_config(
+        len(tokenizer),
+        hidden_size=256,
+        intermediate_size=1024,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=8192,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    lengths, peaks, estimates = (2048, 8192), [], []
+    for length in lengths:
+        rows = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(0)).tolist()
+        DatasetDict({"train": Dataset.from_dict({"input_ids": rows})}).save_to_disk(str(tmp_path / f"data-{length}"))
+        settings = dict(
+            rope_method="none",
+            rope_factors_path=None,
+            dataset_path=str(tmp_path / f"data-{length}"),
+            max_steps=1,
+            activation_checkpointing=True,
+            loss_chunk_size=512,
+            use_cpu=True,
+        )
+        path = _config(tmp_path, "unused", tmp_path / f"run-{length}", **settings)
+        completed = subprocess.run(
+            [sys.executable, "train.py", "--config", str(path)],
+            cwd=ROOT,
+            # A fixed mmap threshold returns freed tensors to the OS, so RSS follows the live tensors (no heap holes).
+            env={**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled", "MALLOC_MMAP_THRESHOLD_": "65536"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        state = json.loads((tmp_path / f"run-{length}" / "trainer_state.json").read_text())
+        peaks.append(next(entry["peak_memory_gib"] for entry in state["log_history"] if "loss" in entry))
+        estimate = train.main(["--config", str(path), "--estimate_memory", "true"])
+        estimates.append(sum(row["gpu_gib"] for row in estimate["rows"]))
+    measured, estimated = peaks[1] - peaks[0], estimates[1] - estimates[0]
+    assert measured > 0 and estimated > 0
+    # The estimate counts every saved tensor's gradient as live at once: it is an upper bound, within 2x.
+    assert 0.5 <= measured / estimated <= 1.2, (measured, estimated)
