@@ -74,4 +74,5 @@ def select_documents(
         eligible = sorted(eligible[i] for i in order)
     documents = [list(split[i]["input_ids"][:min_tokens]) for i in eligible]
     digest = hashlib.sha256(json.dumps(documents).encode()).hexdigest()
-    return documents, {"path": path, "documents": len(documents), "tokens_each": min_tokens, "sha256": digest}
+    description = {"path": path, "documents": len(documents), "tokens_each": min_tokens, "sha256": digest}
+    return documents, {**description, "seed": seed if count is not None else None}

@@ -75,6 +75,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("search-short", "search.py", "configs/tiny/search-short.yaml", ("factors.json",), 2),
     # f. the fine-tuned checkpoint at 64x: second search vs PI and YaRN, and the short factors at 256
     Stage("eval-64x", "evaluate.py", "configs/tiny/eval-64x.yaml", ("results.json", "plot.png")),
+    Stage("eval-base-256", "evaluate.py", "configs/tiny/eval-base-256.yaml", ("results.json",)),
 )
 
 _TINY_SEARCH = {"population_size": 4, "num_mutations": 2, "num_crossovers": 2, "num_parents": 2, "num_generations": 1}
@@ -103,6 +104,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "search-64x-second": {"num_samples": 1, "evolution": _TINY_SEARCH},
         "search-short": {"num_samples": 1, "evolution": _TINY_SEARCH},
         "eval-64x": {**_TINY_EVAL, "lengths": [256, 16384]},
+        "eval-base-256": _TINY_EVAL,
     },
 }
 
@@ -288,8 +290,12 @@ def run_pipeline(
         atomic_write_json(manifest_path, manifest)
         if record["status"] != "done":
             tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
+            print(f"[pipeline] {stage.name}: the end of its log:\n{tail}", file=sys.stderr, flush=True)
             reason = f"exit code {completed.returncode}" if completed.returncode else f"missing {missing}"
-            raise LongRopeError(f"stage {stage.name} failed ({reason}); log: {log_path}\n{tail}")
+            raise LongRopeError(
+                f"stage {stage.name} failed ({reason}); its log is {log_path}; fix the cause and run again (finished "
+                "stages are kept)"
+            )
         if echo:
             print(f"[pipeline] {stage.name}: {seconds:.0f} s", flush=True)
     manifest["seconds_this_run"] = round(time.monotonic() - started, 1)
@@ -333,6 +339,12 @@ def _fmt(value: float | None) -> str:
     if value is None:
         return "–"
     return f"{value:.3f}" if math.isfinite(value) and value < 1e4 else f"{value:.3g}"
+
+
+def _documents(results: dict[str, Any] | None) -> tuple[Any, ...]:
+    """Which documents a run read: path, count and selection seed (the token cut differs with the lengths)."""
+    data = (results or {}).get("data", {})
+    return tuple(data.get(key) for key in ("path", "documents", "seed"))
 
 
 def _max_length(results: dict[str, Any] | None) -> int | None:
@@ -402,12 +414,16 @@ def evaluate_claims(output_dir: Path) -> list[Claim]:
     )
 
     # 4. Readjusted short factors bring perplexity at the original length back near the base model's: within 10%
-    #    of it (the paper's own recovery lands 7.5% above the base model) and below the long factors there.
+    #    of it (the paper's own recovery lands 7.5% above the base model) and below the long factors there, all on
+    #    the same documents.
     original = 256
-    base = _ppl(eval_8x, "none", original)
+    eval_base = _results(output_dir, "eval-base-256")
+    base = _ppl(eval_base, "none", original)
     short = _ppl(eval_64x, "longrope-final", original)
     long = _ppl(eval_64x, "longrope-second", original)
     complete = None not in (base, short, long)
+    if complete and _documents(eval_base) != _documents(eval_64x):
+        raise LongRopeError("eval-base-256 and eval-64x read different documents; give them the same documents")
     claims.append(
         Claim(
             f"Short readjustment: at the original {original} within 10% of the base model and below the long factors",

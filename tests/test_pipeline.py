@@ -63,7 +63,12 @@ def test_every_shipped_stage_chains_only_backwards():
         earlier.append(stage.name)
 
 
-def _write_results(directory: Path, perplexity: dict[str, dict[int, float]], passkey: dict[int, float] | None = None):
+def _write_results(
+    directory: Path,
+    perplexity: dict[str, dict[int, float]],
+    passkey: dict[int, float] | None = None,
+    documents: int = 6,
+):
     methods = []
     for name, values in perplexity.items():
         entry = {"name": name, "perplexity": {str(k): v for k, v in values.items()}}
@@ -72,11 +77,16 @@ def _write_results(directory: Path, perplexity: dict[str, dict[int, float]], pas
         methods.append(entry)
     lengths = sorted({k for values in perplexity.values() for k in values})
     directory.mkdir(parents=True)
-    (directory / "results.json").write_text(json.dumps({"lengths": lengths, "methods": methods}))
+    data = {"path": "data/tiny/corpus/test-long", "documents": documents, "seed": 0}
+    (directory / "results.json").write_text(json.dumps({"lengths": lengths, "methods": methods, "data": data}))
 
 
-def _claims_world(root: Path, searched_8x: float, tuned: float, second: float, short: float, passkey: float):
-    base = {m: {256: 3.0, 2048: v} for m, v in [("none", 80.0), ("pi", 9.0), ("ntk", 6.0), ("yarn", 4.4)]}
+def _claims_world(
+    root: Path, searched_8x: float, tuned: float, second: float, short: float, passkey: float, base_documents: int = 6
+):
+    # eval-8x's own "none" at 256 (2.0) must not be the reference: it read other documents than eval-64x.
+    base = {m: {256: 2.0, 2048: v} for m, v in [("none", 80.0), ("pi", 9.0), ("ntk", 6.0), ("yarn", 4.4)]}
+    _write_results(root / "eval-base-256", {"none": {256: 3.0}}, documents=base_documents)
     _write_results(
         root / "eval-8x", {**base, "dynamic_ntk": {256: 3.0, 2048: 5.0}, "longrope-search": {2048: searched_8x}}
     )
@@ -103,6 +113,12 @@ def test_the_claims_follow_the_measured_numbers(tmp_path):
     first = pipeline.evaluate_claims(good)[0]
     assert "yarn 4.400" in first.measured and "3.800" in first.measured
     assert [claim.held for claim in pipeline.evaluate_claims(tmp_path / "nothing")] == [None] * 5
+    assert "short 3.200 vs base 3.000" in pipeline.evaluate_claims(good)[3].measured
+
+    other_documents = tmp_path / "other"
+    _claims_world(other_documents, 3.8, 3.0, 7.0, 3.2, 1.0, base_documents=20)
+    with pytest.raises(LongRopeError, match="different documents"):
+        pipeline.evaluate_claims(other_documents)
 
 
 @pytest.mark.slow
@@ -138,6 +154,7 @@ def test_the_ci_sized_pipeline_runs_every_stage_and_chains_their_outputs(tmp_pat
         "search-64x-second": ["finetune-8x", "search-8x"],
         "search-short": ["finetune-8x", "search-64x-second"],
         "eval-64x": ["finetune-8x", "search-64x-second", "search-8x", "search-short"],
+        "eval-base-256": [],
     }
     # The chained files really were used: the fine-tune recorded the searched factors' hash, the short stage kept
     # the second stage's long factors beside its new short ones.
@@ -158,3 +175,15 @@ def test_the_ci_sized_pipeline_runs_every_stage_and_chains_their_outputs(tmp_pat
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert again.stdout.count("done before, skipped") == len(pipeline.STAGES)
+
+
+def test_a_failing_stage_stops_the_pipeline_with_one_line_and_keeps_its_log(tmp_path, monkeypatch, capsys):
+    config = _stage_config(tmp_path, "bad", {"sources": [{"path": "python-stdlib"}], "no_such_key": 1})
+    monkeypatch.setattr(pipeline, "STAGES", (pipeline.Stage("pretrain-2048", "data.prepare", config, ("x",)),))
+    with pytest.raises(LongRopeError, match=r"^stage pretrain-2048 failed \(exit code \d+\); its log is") as raised:
+        pipeline.run_pipeline(tmp_path / "run", "ci", echo=False)
+    assert "\n" not in str(raised.value)
+    manifest = json.loads((tmp_path / "run/pipeline.json").read_text())
+    assert manifest["stages"]["pretrain-2048"]["status"] == "failed"
+    assert "no_such_key" in (tmp_path / "run/logs/pretrain-2048.log").read_text()
+    assert "no_such_key" in capsys.readouterr().err  # the log's end is shown, outside the one-line error
