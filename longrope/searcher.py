@@ -214,6 +214,12 @@ def plan_stage(args: SearchArguments, model_config: Any) -> StagePlan:
         }
         if base.short_factors is not None:
             seeds["short"] = Candidate(tuple(min(v, cap) for v in base.short_factors))
+        # The factors the checkpoint was fine-tuned with served every length up to its training length, so they are
+        # the natural starting point below it.
+        parameters = getattr(model_config, "rope_parameters", None) or {}
+        trained = parameters.get("long_factor") if parameters.get("rope_type") == "longrope" else None
+        if trained is not None and len(trained) == len(base.long_factors):
+            seeds["trained"] = Candidate(tuple(min(float(v), cap) for v in trained))
         return StagePlan(geometry, cap, seeds, base, cap)
     if args.target_length <= original:
         raise LongRopeError(

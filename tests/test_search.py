@@ -289,3 +289,31 @@ def test_wandb_gets_generations_factor_curve_and_artifact(world, tmp_path, monke
     files = {p.name for p in runs[0].rglob("*")}
     assert any(name.endswith(".wandb") for name in files)
     assert any(name.startswith("factors_curve") and name.endswith(".png") for name in files)
+
+
+def test_short_stage_seeds_stay_under_the_cap_and_include_the_trained_factors(world, tmp_path):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(world / "model")
+    geometry = rope.RopeGeometry.from_config(config)
+    # Long factors above their scale (the space reaches 1.25 s): compressed naively they would pass the cap.
+    long_scaling = rope.longrope_scaling(geometry, 8 * ORIGINAL, [1.0 + 0.6 * i for i in range(16)])
+    path = tmp_path / "long.json"
+    factors.save(path, long_scaling)
+    trained = [1.0 + 0.1 * i for i in range(16)]
+    config.rope_parameters = {
+        **(config.rope_parameters or {}),
+        "rope_type": "longrope",
+        "long_factor": trained,
+        "short_factor": trained,
+        "original_max_position_embeddings": ORIGINAL,
+    }
+    args = SearchArguments(
+        stage="short", target_length=ORIGINAL, factors_path=str(path), documents_path="x", evolution={}
+    )
+    plan = plan_stage(args, config)
+    cap = max(1.25, 0.25 * 8)
+    assert max(long_scaling.long_factors) > 8  # the input really exceeds its scale
+    for name, seed in plan.seeds.items():
+        assert max(seed.factors) <= cap + 1e-9, name
+    assert plan.seeds["trained"].factors == tuple(min(v, cap) for v in trained)
