@@ -1,6 +1,6 @@
 # `make test`: create the virtualenv when needed, install the pinned CPU stack, run the test suite.
 # `make demo`: create the virtualenv and install when needed, then run the whole LongRoPE method on the embedded tiny
-# model (longrope/pipeline.py; about 25 minutes on 2 cores).
+# model (longrope/pipeline.py; see README "Demo" for its measured time).
 # `make lint`: ruff.  Override the interpreter with `make PYTHON=python3.11 test`.
 PYTHON ?= python3
 VENV ?= .venv
