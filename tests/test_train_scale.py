@@ -622,9 +622,11 @@ def test_the_factors_file_is_logged_as_a_wandb_artifact(world, tmp_path, monkeyp
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.teardown()  # an earlier test's W&B session would keep its own settings (and run directory)
     config = _config(world, "continuous", tmp_path / "out", max_steps=1, report_to="wandb", run_name="artifact-test")
     train.main(["--config", str(config)])
-    import wandb
 
     wandb.finish()  # the Trainer leaves its run open until interpreter exit; close it so its file is complete
 
