@@ -1,8 +1,14 @@
 """Search cost: the paper's Algorithm 1 (`mode: paper`) vs the default (`mode: fast`), same model, data and seeds.
 
 For each seed, the paper mode runs to the end; the fast mode runs until its best fitness reaches the paper mode's
-final fitness (it may use up to --extra_generations more generations). Reported: evaluated tokens and wall time until
-then, their ratios, and the median over seeds. Target: fast <= 1/3 of the paper mode's evaluated tokens.
+final fitness (it may use up to --extra_generations more generations; it is run a few generations at a time through
+search.py's resume, which gives exactly the uninterrupted run, and stops once it has reached the target). Reported:
+evaluated tokens and wall time until then, their ratios, and the median over seeds. Target: fast <= 1/3 of the paper
+mode's evaluated tokens.
+
+Paper-mode results are reused from the previous results file when its setup (model, samples, population,
+generations) matches and the seed is there: `mode: paper` is fixed, and its token counts do not depend on the
+machine (``--rerun_paper`` runs it again, e.g. for fresh wall times).
 
     python -m data.prepare --config configs/tiny/data_search.yaml
     python -m benchmarks.search_efficiency                       # tiny model, 256 -> 2048, 3 seeds
@@ -30,7 +36,9 @@ from longrope.modeling import load_for_evaluation  # noqa: E402
 from longrope.searcher import SearchArguments, run_search  # noqa: E402
 
 
-def run(model, mode: str, seed: int, args: argparse.Namespace, generations: int, output_dir: str) -> dict:
+def run(
+    model, mode: str, seed: int, args: argparse.Namespace, generations: int, output_dir: str, resume: bool = False
+) -> dict:
     evolution = {
         "mode": mode,
         "seed": seed,
@@ -46,6 +54,7 @@ def run(model, mode: str, seed: int, args: argparse.Namespace, generations: int,
         num_samples=args.samples,
         evolution=evolution,
         output_dir=output_dir,
+        resume=resume,
     )
     started = time.perf_counter()
     summary = run_search(model, search_args, progress=False)
@@ -64,6 +73,39 @@ def crossing(log: list[dict], target: float, tolerance: float) -> dict | None:
     return None
 
 
+def run_until(model, seed: int, args: argparse.Namespace, target: float, output_dir: str) -> dict:
+    """Fast mode, ``args.chunk`` generations at a time (resumed), until it reaches ``target`` or the last generation."""
+    limit = args.generations + args.extra_generations
+    generations, started = 0, time.perf_counter()
+    while True:
+        generations = min(limit, generations + args.chunk)
+        result = run(model, "fast", seed, args, generations, output_dir, resume=generations > args.chunk)
+        if crossing(result["log"], target, args.tolerance) is not None or generations >= limit:
+            return {**result, "seconds": time.perf_counter() - started}
+
+
+_PAPER_SETUP_KEYS = ("model", "documents_path", "target_length", "samples", "population", "generations")
+
+
+def recorded_paper_rows(args: argparse.Namespace) -> dict[int, dict]:
+    """Paper-mode rows of the previous results file, by seed, if it was made with the same setup."""
+    path = Path(f"{args.output}.json")
+    if args.rerun_paper or not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    setup = previous.get("setup", {})
+
+    def same(key: str) -> bool:
+        here, there = getattr(args, key), setup.get(key)
+        if key in ("model", "documents_path"):  # recorded relative to the repository or absolute
+            return there is not None and (ROOT / there).resolve() == (ROOT / here).resolve()
+        return here == there
+
+    if not all(same(key) for key in _PAPER_SETUP_KEYS):
+        return {}
+    return {row["seed"]: row for row in previous.get("rows", [])}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "tiny"))
@@ -75,29 +117,39 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--extra_generations", type=int, default=15)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tolerance", type=float, default=0.0, help="relative slack on the paper's final fitness")
+    parser.add_argument("--chunk", type=int, default=2, help="fast-mode generations run between target checks")
+    parser.add_argument("--rerun_paper", action="store_true", help="run paper mode even if its results are recorded")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "search_efficiency"))
     args = parser.parse_args(argv)
 
     model = load_for_evaluation(ModelArguments(model_name_or_path=args.model))
+    recorded = recorded_paper_rows(args)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for seed in args.seeds:
-            paper = run(model, "paper", seed, args, args.generations, f"{scratch}/paper-{seed}")
-            target = paper["summary"]["best_fitness"]
-            fast = run(model, "fast", seed, args, args.generations + args.extra_generations, f"{scratch}/fast-{seed}")
+            if seed in recorded:
+                paper_row = recorded[seed]
+                target, paper_tokens = paper_row["paper_fitness"], paper_row["paper_tokens"]
+                paper_seconds, paper_source = paper_row["paper_seconds"], paper_row.get("paper_source", "recorded")
+            else:
+                paper = run(model, "paper", seed, args, args.generations, f"{scratch}/paper-{seed}")
+                target, paper_tokens = paper["summary"]["best_fitness"], paper["summary"]["evaluated_tokens"]
+                paper_seconds, paper_source = round(paper["seconds"], 1), time.strftime("run %Y-%m-%d")
+            fast = run_until(model, seed, args, target, f"{scratch}/fast-{seed}")
             reached = crossing(fast["log"], target, args.tolerance)
-            paper_tokens = paper["summary"]["evaluated_tokens"]
             row = {
                 "seed": seed,
                 "paper_fitness": target,
                 "paper_tokens": paper_tokens,
-                "paper_seconds": round(paper["seconds"], 1),
-                "fast_final_fitness": fast["summary"]["best_fitness"],
+                "paper_seconds": paper_seconds,
+                "paper_source": paper_source,
+                "fast_generations_to_reach": reached["generation"] if reached else None,
+                "fast_best_when_stopped": fast["summary"]["best_fitness"],
                 "fast_reached": reached is not None,
                 "fast_tokens_to_reach": reached["tokens"] if reached else None,
                 "fast_seconds_to_reach": round(reached["seconds"], 1) if reached else None,
                 "token_ratio": reached["tokens"] / paper_tokens if reached else None,
-                "time_ratio": reached["seconds"] / paper["seconds"] if reached else None,
+                "time_ratio": reached["seconds"] / paper_seconds if reached else None,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -118,13 +170,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"Model `{args.model}`, target {args.target_length}, {args.samples} samples, population {args.population}, "
         f"{args.generations} generations (fast may run {args.extra_generations} more).",
         "",
-        "| seed | paper final PPL | paper tokens | paper s | fast tokens to reach | fast s to reach | token ratio | time ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seed | paper final PPL | paper tokens | paper s | fast generations | fast tokens to reach | fast s to reach "
+        "| token ratio | time ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fmt = lambda v, spec: "not reached" if v is None else format(v, spec)  # noqa: E731
         lines.append(
             f"| {r['seed']} | {r['paper_fitness']:.4f} | {r['paper_tokens']:,} | {r['paper_seconds']} | "
+            f"{fmt(r['fast_generations_to_reach'], '')} | "
             f"{fmt(r['fast_tokens_to_reach'], ',')} | {fmt(r['fast_seconds_to_reach'], '')} | "
             f"{fmt(r['token_ratio'], '.3f')} | {fmt(r['time_ratio'], '.3f')} |"
         )

@@ -140,6 +140,9 @@ def test_defaults_are_the_papers() -> None:
         ({"stop_rule": "guess"}, "stop_rule"),
         ({"floor_margin": 2.0}, "floor_margin"),
         ({"init_seeds": [""]}, "init_seeds"),
+        ({"elite_size": -1}, "elite_size"),
+        ({"mutation_sigma": -0.1}, "mutation_sigma"),
+        ({"seeds_only_start": "yes"}, "seeds_only_start"),
     ],
 )
 def test_bad_evolution_config_names_the_field(overrides: dict, field: str) -> None:
@@ -230,6 +233,34 @@ def test_mutation_redraws_between_neighbours() -> None:
         # Genes inside a flat run have equal neighbours, so they cannot move; the run edges can.
         assert np.all(child[1:3] <= 2.0) and np.all(child[5:7] >= 1.0) and child[-1] <= 1.25 * SCALE
         assert child[0] >= 1.0
+
+
+def test_fast_mode_mutation_takes_small_monotone_steps_around_the_parent() -> None:
+    search = EvolutionSearch(make_config(mode="fast", mutation_sigma=0.05, mutation_prob=1.0), paper_seeds())
+    paper = EvolutionSearch(make_config(mutation_prob=1.0), paper_seeds())
+    parent = search.project(paper_seeds()["yarn"])
+    steps, paper_steps = [], []
+    for _ in range(200):
+        child = search.mutate(parent)
+        assert_valid(child, search.space)
+        assert child.key != parent.key
+        steps.append(np.abs(np.log(np.asarray(child.factors) / np.asarray(parent.factors))).mean())
+        paper_steps.append(np.abs(np.log(np.asarray(paper.mutate(parent).factors) / parent.factors)).mean())
+    # Sorting may move a gene past a neighbour, but the curve stays about sigma from the parent's; the paper's
+    # redraw between neighbours moves it several times further.
+    assert statistics.mean(steps) < 0.04 and 1.5 * statistics.mean(steps) < statistics.mean(paper_steps)
+
+
+def test_fast_mode_starts_from_the_seeds_and_stops_children_worse_than_all_of_them() -> None:
+    search = EvolutionSearch(make_config(mode="fast", num_generations=3), paper_seeds())
+    seeds = search.ask()
+    assert {c.key for c in seeds} == {search.project(s).key for s in paper_seeds().values()}
+    search.tell(score_generation(search, seeds))
+    children = search.ask()
+    assert len(children) == 32 and not {c.key for c in children} & {c.key for c in seeds}
+    # Fewer than elite_size candidates are known: a child worse than every one of them is stopped.
+    assert search.stop_threshold() == max(e.fitness for e in search.history)
+    assert search.parents()[0].fitness == min(e.fitness for e in search.history)
 
 
 def test_crossover_keeps_constraints_and_takes_genes_from_the_parents() -> None:
@@ -423,7 +454,16 @@ def test_fast_mode_matches_paper_quality_with_a_third_of_the_samples(paper_runs)
 
 def test_fast_mode_with_a_zero_floor_makes_exactly_the_papers_decisions() -> None:
     paper = run(EvolutionSearch(make_config(seed=1, num_generations=10), paper_seeds()), steep_sample_nll)
-    config = make_config(seed=1, num_generations=10, mode="fast", stop_rule="bound", nll_floor="zero")
+    config = make_config(
+        seed=1,
+        num_generations=10,
+        mode="fast",
+        stop_rule="bound",
+        nll_floor="zero",
+        elite_size=0,
+        mutation_sigma=0.0,
+        seeds_only_start=False,
+    )
     proved = run(EvolutionSearch(config, paper_seeds()), steep_sample_nll)
     assert proved.best == paper.best
     assert [e.candidate.key for e in proved.history] == [e.candidate.key for e in paper.history]
