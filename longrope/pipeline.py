@@ -204,6 +204,17 @@ def stage_command(stage: Stage, config_path: Path) -> list[str]:
     return [sys.executable, stage.entry, "--config", str(config_path)]
 
 
+def resume_arguments(stage: Stage, config: dict[str, Any], output: Path) -> list[str]:
+    """Extra arguments that let a stage killed part-way continue instead of refusing to start again."""
+    if stage.entry == "search.py" and (output / "search_state.json").is_file():
+        return ["--resume", "true"]  # search.py checks the state was written with the same settings
+    if stage.entry == "train.py" and int(config.get("sp_size", 1)) > 1 and any(output.glob("checkpoint-*")):
+        # train.py resumes from its last checkpoint by itself; under sequence parallelism DeepSpeed's data loader
+        # cannot skip the batches already seen, so the resumed run starts its data over (train.py says so too).
+        return ["--ignore_data_skip", "true"]
+    return []
+
+
 def _config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
@@ -264,7 +275,7 @@ def run_pipeline(
             continue
         header = f"# Stage {stage.name} of the LongRoPE pipeline ({profile}): {stage.config}, chained and resolved.\n"
         atomic_write_text(config_path, header + yaml.safe_dump(entry.config, sort_keys=False))
-        command = stage_command(stage, config_path)
+        command = stage_command(stage, config_path) + resume_arguments(stage, entry.config, entry.output)
         stage_env = {**env, "OMP_NUM_THREADS": "1"} if stage.processes > 1 else env
         log_path = output_dir / "logs" / f"{stage.name}.log"
         if echo:

@@ -187,3 +187,15 @@ def test_a_failing_stage_stops_the_pipeline_with_one_line_and_keeps_its_log(tmp_
     assert manifest["stages"]["pretrain-2048"]["status"] == "failed"
     assert "no_such_key" in (tmp_path / "run/logs/pretrain-2048.log").read_text()
     assert "no_such_key" in capsys.readouterr().err  # the log's end is shown, outside the one-line error
+
+
+def test_a_stage_killed_part_way_gets_what_it_needs_to_continue(tmp_path):
+    search = pipeline.Stage("search-x", "search.py", "c.yaml", ("factors.json",), 2)
+    train = pipeline.Stage("finetune-x", "train.py", "c.yaml", ("model.safetensors",), 2)
+    assert pipeline.resume_arguments(search, {}, tmp_path) == []
+    (tmp_path / "search_state.json").write_text("{}")
+    assert pipeline.resume_arguments(search, {}, tmp_path) == ["--resume", "true"]
+    assert pipeline.resume_arguments(train, {"sp_size": 2}, tmp_path) == []
+    (tmp_path / "checkpoint-50").mkdir()
+    assert pipeline.resume_arguments(train, {"sp_size": 2}, tmp_path) == ["--ignore_data_skip", "true"]
+    assert pipeline.resume_arguments(train, {"sp_size": 1}, tmp_path) == []  # the Trainer skips seen data itself
