@@ -253,6 +253,16 @@ def plan_stage(args: SearchArguments, model_config: Any) -> StagePlan:
     return StagePlan(geometry, scale, seeds, base, None)
 
 
+def seeds_within_space(seeds: dict[str, Candidate], config: EvolutionConfig) -> dict[str, Candidate]:
+    """Derived seeds clipped into the search space: searched factors may exceed their scale (up to 1.25 s), so
+    stretched or compressed to another scale they can cross the new bounds (clipping keeps them monotone)."""
+    low, high = config.space.factor_min, config.space.factor_max
+    return {
+        name: dataclasses.replace(seed, factors=tuple(min(max(v, low), high) for v in seed.factors))
+        for name, seed in seeds.items()
+    }
+
+
 def _input_factors(args: SearchArguments, model_config: Any, geometry: rope.RopeGeometry) -> rope.RopeScaling | None:
     if args.factors_path is not None:
         loaded = factors.load_for_model(args.factors_path, model_config, target_length=args.target_length)
@@ -405,7 +415,7 @@ def run_search(
     ensure_prepared(args.documents_path, args.documents_prepare_config)
     samples, info = select_documents(args.documents_path, args.target_length, args.num_samples, args.sample_seed)
     samples_sha = info["sha256"]
-    search = EvolutionSearch(config, plan.seeds)
+    search = EvolutionSearch(config, seeds_within_space(plan.seeds, config))
     settings = _resume_settings(args, model_args, samples_sha)
     run_log: list[dict[str, Any]] = []
     state_path = output_dir / STATE_FILE

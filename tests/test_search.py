@@ -317,3 +317,30 @@ def test_short_stage_seeds_stay_under_the_cap_and_include_the_trained_factors(wo
     for name, seed in plan.seeds.items():
         assert max(seed.factors) <= cap + 1e-9, name
     assert plan.seeds["trained"].factors == tuple(min(v, cap) for v in trained)
+
+
+def test_second_stage_seeds_from_factors_above_their_scale_fit_the_new_space(world, tmp_path):
+    import transformers
+
+    from longrope.evolution import EvolutionSearch
+    from longrope.searcher import evolution_config, seeds_within_space
+
+    config = transformers.AutoConfig.from_pretrained(world / "model")
+    geometry = rope.RopeGeometry.from_config(config)
+    # 4x factors reaching 1.25 s = 5: stretched linearly to 32x the last one lands at 1 + 4 * 31 / 3 > 1.25 * 32.
+    first = rope.longrope_scaling(geometry, 4 * ORIGINAL, [1.0 + 4.0 * i / 15 for i in range(16)])
+    path = tmp_path / "first.json"
+    factors.save(path, first)
+    args = SearchArguments(
+        stage="second", target_length=32 * ORIGINAL, factors_path=str(path), documents_path="x", evolution={}
+    )
+    plan = plan_stage(args, config)
+    evolution = evolution_config(args, plan, config)
+    assert max(plan.seeds["finetuned_stretched"].factors) > evolution.space.factor_max  # the raw stretch overshoots
+    with pytest.raises(LongRopeError, match="outside"):
+        EvolutionSearch(evolution, plan.seeds)
+    seeds = seeds_within_space(plan.seeds, evolution)
+    search = EvolutionSearch(evolution, seeds)  # accepted
+    stretched = seeds["finetuned_stretched"].factors
+    assert max(stretched) == evolution.space.factor_max and list(stretched) == sorted(stretched)
+    assert search is not None
