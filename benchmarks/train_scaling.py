@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from longrope.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -81,12 +82,6 @@ train.main(sys.argv[1:])
 with open(os.path.join(os.environ["REPORT_DIR"], os.environ["RANK"] + ".json"), "w") as handle:
     json.dump(Measured.marks, handle)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_world(root: Path, lengths: tuple[int, ...]) -> None:
@@ -151,7 +146,7 @@ def run(root: Path, length: int, sp_size: int) -> dict[str, float]:
     reports.mkdir()
     (root / "worker.py").write_text(WORKER)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command += [str(_free_port()), str(root / "worker.py"), "--config", str(root / f"{name}.yaml")]
+    command += [str(free_port()), str(root / "worker.py"), "--config", str(root / f"{name}.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "REPORT_DIR": str(reports)}
     env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     started = time.perf_counter()

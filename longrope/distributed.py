@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sys
 from typing import Any
 
@@ -77,6 +78,13 @@ def _forget_library_process_groups() -> None:
     accelerate_state = sys.modules.get("accelerate.state")
     if accelerate_state is not None:
         accelerate_state.AcceleratorState._reset_state(reset_partial_state=True)  # its device mesh holds groups
+
+
+def free_port() -> int:
+    """A TCP port free right now on this host, for a launcher's --master_port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def rank() -> int:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from longrope.distributed import free_port
 from longrope.errors import LongRopeError
 from longrope.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
@@ -189,18 +189,12 @@ def _data_path_overrides(resolved: dict[str, ResolvedStage]) -> dict[str, Any]:
     return {} if data is None else {"dataset_path": str(data.output)}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def stage_command(stage: Stage, config_path: Path) -> list[str]:
     if stage.entry == "data.prepare":
         return [sys.executable, "-m", "data.prepare", "--config", str(config_path)]
     if stage.processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(stage.processes)]
-        return [*launcher, "--master_port", str(_free_port()), stage.entry, "--config", str(config_path)]
+        return [*launcher, "--master_port", str(free_port()), stage.entry, "--config", str(config_path)]
     return [sys.executable, stage.entry, "--config", str(config_path)]
 
 

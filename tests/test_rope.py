@@ -226,13 +226,11 @@ def _sharded_worker(rank: int, world_size: int, port: int, results):
 
 
 def test_sequence_parallel_shards_choose_the_same_factors():
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from longrope.distributed import free_port
+
+    port = free_port()
     manager = mp.Manager()
     results = manager.dict()
     mp.spawn(_sharded_worker, args=(2, port, results), nprocs=2, join=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 
 import train
 from longrope import data, factors, rope, training
+from longrope.distributed import free_port
 from longrope.errors import LongRopeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,12 +117,6 @@ def _config(world: Path, dataset: str, output_dir: Path, **overrides) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
@@ -131,7 +125,7 @@ def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "train.py",
         "--config",
         str(config),
@@ -461,7 +455,7 @@ def test_a_killed_two_rank_zero3_run_resumes_to_the_uninterrupted_loss_trajector
 
     killed_config = _config(world, "varied", killed_dir, **settings)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command += [str(_free_port()), "train.py", "--config", str(killed_config), "--deepspeed", zero3]
+    command += [str(free_port()), "train.py", "--config", str(killed_config), "--deepspeed", zero3]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -512,7 +506,7 @@ def test_a_zero3_sequence_parallel_run_frees_its_process_groups_before_exit(worl
     driver.write_text(THREAD_REPORT)
     config = _config(world, "continuous", tmp_path / "run", max_steps=1)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command += [str(_free_port()), str(driver), "--config", str(config), "--sp_size", "2"]
+    command += [str(free_port()), str(driver), "--config", str(config), "--sp_size", "2"]
     command += ["--deepspeed", str(ROOT / "configs/deepspeed/zero3.json")]
     reports = tmp_path / "threads"
     reports.mkdir()
