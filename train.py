@@ -35,8 +35,10 @@ transformers' TrainingArguments plus the RoPE, sequence-parallel, loss and dry-r
 model and tokenizer (stock transformers format; a fine-tune's config.json has rope_type longrope and the factors
 file's sha256, and longrope_factors.json sits beside it and in every checkpoint), config.yaml (the resolved config:
 ``--config`` it to repeat the run), inputs.json (what was trained on), train_results.json / eval_results.json /
-all_results.json, trainer_state.json and checkpoints; a killed run resumes from its last checkpoint when started
-again with the same output_dir (a checkpoint of another model or RoPE is refused, naming the key that differs).
+all_results.json, trainer_state.json and checkpoints; a killed run resumes from its last complete checkpoint when
+started again with the same output_dir, with the batches already trained on skipped (also under sequence parallelism
+and LoRA), so it follows the loss trajectory of an uninterrupted run; ``--ignore_data_skip true`` restarts the data
+order instead. A checkpoint of another model or RoPE is refused, naming the key that differs.
 """
 
 from __future__ import annotations
@@ -67,7 +69,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
     import transformers
     import yaml
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
@@ -207,11 +208,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: A
 
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None and output_dir.is_dir():
-        checkpoint = get_last_checkpoint(str(output_dir))
+        checkpoint = training.last_complete_checkpoint(output_dir)
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
     if checkpoint is not None:
-        training.check_resume_supported(training_args, checkpoint)
         training.check_resume_compatible(checkpoint, model.config)
 
     ###############

@@ -202,10 +202,8 @@ def resume_arguments(stage: Stage, config: dict[str, Any], output: Path) -> list
     """Extra arguments that let a stage killed part-way continue instead of refusing to start again."""
     if stage.entry == "search.py" and (output / "search_state.json").is_file():
         return ["--resume", "true"]  # search.py checks the state was written with the same settings
-    if stage.entry == "train.py" and int(config.get("sp_size", 1)) > 1 and any(output.glob("checkpoint-*")):
-        # train.py resumes from its last checkpoint by itself; under sequence parallelism DeepSpeed's data loader
-        # cannot skip the batches already seen, so the resumed run starts its data over (train.py says so too).
-        return ["--ignore_data_skip", "true"]
+    # train.py resumes from its last complete checkpoint by itself and skips the batches already trained on (under
+    # sequence parallelism too), so a fine-tune needs no extra argument.
     return []
 
 

@@ -464,15 +464,25 @@ def check_resume_compatible(checkpoint: str | os.PathLike, config: Any) -> None:
             )
 
 
-def check_resume_supported(args: LongRopeTrainingArguments, checkpoint: str | os.PathLike) -> None:
-    """Resuming under sequence parallelism cannot skip the already-seen batches yet: accelerate's
-    skip_first_batches does not accept DeepSpeed's UlyssesSPDataLoaderAdapter (no ``dataset``); refuse clearly."""
-    if args.sp_size > 1 and not args.ignore_data_skip:
-        raise LongRopeError(
-            f"ignore_data_skip: resuming {checkpoint} with sp_size {args.sp_size} cannot skip the batches already "
-            "trained on (accelerate cannot skip inside DeepSpeed's Ulysses data loader); set ignore_data_skip: true "
-            "to resume weights, optimizer and schedule and restart the data order"
-        )
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-<step>`` folder of ``output_dir`` that the Trainer finished writing, or None.
+
+    trainer_state.json is the last file a checkpoint receives, and without it the Trainer would restart at step 0
+    with the checkpoint's weights; a newer folder lacking it (the run was killed while saving) is passed over.
+    """
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = []
+    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if suffix.isdigit() and path.is_dir():
+            steps.append((int(suffix), path))
+    for _, path in sorted(steps, reverse=True):
+        if (path / TRAINER_STATE_NAME).is_file():
+            return str(path)
+        logger.warning("%s has no %s (killed while saving?); an older checkpoint is used", path, TRAINER_STATE_NAME)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -504,6 +514,72 @@ def validate_sequence_parallel(config: Any, sp_size: int, seq_len: int, world_si
             f"sp_size: {sp_size} does not divide the sequence length {seq_len}; prepare the data with a "
             f"max_seq_len divisible by {sp_size}"
         )
+
+
+def _is_ulysses_loader(dataloader: Any) -> bool:
+    try:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPDataLoaderAdapter
+    except ImportError:
+        return False
+    return isinstance(dataloader, UlyssesSPDataLoaderAdapter)
+
+
+def restart_ulysses_epoch(adapter: Any, epoch: int) -> None:
+    """Start DeepSpeed's Ulysses adapter on a fresh pass over its data loader, shuffled for ``epoch``, as ``iter()``
+    does for a plain data loader at each epoch.
+
+    The adapter is its own iterator and forwards no set_epoch. Left alone, each epoch after the first starts by
+    draining the previous pass's spent iterator (one update step with no batch: an uninterrupted run trains a step
+    less per epoch boundary than max_steps), and a resumed run's first epoch would shuffle as epoch 0.
+    """
+    adapter.dl.set_epoch(epoch)
+    adapter.micro_batches.clear()
+    adapter.iter = iter(adapter.dl)
+
+
+def skip_first_batches_under_ulysses(adapter: Any, num_batches: int) -> Any:
+    """A fresh Ulysses adapter over ``adapter``'s data loader that yields what ``adapter`` yields after its first
+    ``num_batches`` micro-batches, without computing anything for the skipped ones.
+
+    Each batch of the wrapped (data-parallel) loader becomes sp_size micro-batches: one per rank of the SP group, each
+    sequence-sharded over the whole group. So whole loader batches are skipped in its batch sampler (accelerate's
+    skip_first_batches: no rows are read for them), and the micro-batches of a partly trained loader batch are drawn
+    and dropped (every rank of the group does so: the adapter's all-gathers stay matched).
+    """
+    from accelerate import skip_first_batches
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPDataLoaderAdapter
+
+    whole, partial = divmod(num_batches, adapter.sp_world_size)
+    skipped = UlyssesSPDataLoaderAdapter(
+        skip_first_batches(adapter.dl, whole) if whole else adapter.dl,
+        sp_rank=adapter.sp_rank,
+        sp_group=adapter.sp_group,
+        sp_world_size=adapter.sp_world_size,
+        device=adapter.device,
+    )
+    for _ in range(partial):
+        next(skipped)
+    return skipped
+
+
+@contextlib.contextmanager
+def _ulysses_aware_batch_skipping() -> Any:
+    """Within the block, the Trainer's resume skip (transformers.trainer.skip_first_batches, accelerate's, which
+    rebuilds a torch DataLoader and cannot see through DeepSpeed's Ulysses adapter) handles the adapter too."""
+    import transformers.trainer as trainer_module
+
+    plain = trainer_module.skip_first_batches  # AttributeError, not a silent no-op, if transformers moves it
+
+    def skip_first_batches(dataloader: Any, num_batches: int = 0) -> Any:
+        if _is_ulysses_loader(dataloader):
+            return skip_first_batches_under_ulysses(dataloader, num_batches)
+        return plain(dataloader, num_batches)
+
+    trainer_module.skip_first_batches = skip_first_batches
+    try:
+        yield
+    finally:
+        trainer_module.skip_first_batches = plain
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -546,6 +622,10 @@ class LongContextTrainer(Trainer):
     With ``offload_activations`` each training step (forward and backward) runs inside DeepSpeed's checkpoint-offload
     hooks; ``activation_offload_totals`` sums their counters over the run. A LoRA model's checkpoints also hold the
     fully trained modules (PEFT's adapter files do not), and a resume without DeepSpeed loads them back.
+
+    Under Ulysses SP every epoch restarts DeepSpeed's data loader adapter (restart_ulysses_epoch) and a resumed epoch
+    skips the micro-batches already trained on (skip_first_batches_under_ulysses), so a resumed run sees the batches
+    of the uninterrupted one in the same order.
     """
 
     activation_offload_totals: dict[str, int] | None = None
@@ -560,6 +640,14 @@ class LongContextTrainer(Trainer):
         totals = self.activation_offload_totals or {}
         self.activation_offload_totals = {key: totals.get(key, 0) + value for key, value in stats.items()}
         return loss
+
+    def _run_epoch(self, **kwargs: Any) -> Any:
+        loader = kwargs.get("train_dataloader")
+        if not _is_ulysses_loader(loader):
+            return super()._run_epoch(**kwargs)
+        restart_ulysses_epoch(loader, kwargs["epoch"])
+        with _ulysses_aware_batch_skipping():
+            return super()._run_epoch(**kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)

@@ -1,6 +1,7 @@
 """train.py for long-context fine-tuning: RoPE keys and their one-line errors, the saved rope config, sequence-parallel
-checks, the dry run of every shipped recipe, and real 2-process runs (DeepSpeed ZeRO-3 + Ulysses SP over gloo)
-checked against a 1-process run on the same batch."""
+checks, the dry run of every shipped recipe, real 2-process runs (DeepSpeed ZeRO-3 + Ulysses SP over gloo) checked
+against a 1-process run on the same batch, LoRA, and runs killed with SIGKILL after a checkpoint whose resumed loss
+trajectory must equal an uninterrupted run's (ZeRO-3, ZeRO-3 + SP, LoRA)."""
 
 from __future__ import annotations
 
@@ -117,21 +118,10 @@ def _config(world: Path, dataset: str, output_dir: Path, **overrides) -> Path:
     return path
 
 
-def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "train.py",
-        "--config",
-        str(config),
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+def _torchrun(config: Path, *extra: str, script: str | Path = "train.py", **env: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command += [str(free_port()), str(script), "--config", str(config), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **env}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -437,15 +427,65 @@ def test_trainer_with_loss_chunk_size_trains_like_the_plain_loss(world, tmp_path
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Resume after a SIGKILL (ZeRO-3, 2 ranks)
+# Resume after a SIGKILL: the resumed run must follow the uninterrupted run's loss trajectory and end at its weights
+
+
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import torch.distributed as dist
+from transformers import Trainer
+import train
+
+save_checkpoint = Trainer._save_checkpoint
+
+
+def save_checkpoint_then_die(self, *args, **kwargs):
+    save_checkpoint(self, *args, **kwargs)
+    if self.state.global_step == int(os.environ["KILL_AFTER_STEP"]):
+        if dist.is_initialized():
+            dist.barrier()  # every rank's share of the checkpoint is on disk
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+Trainer._save_checkpoint = save_checkpoint_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def _run_killed_after_checkpoint(config: Path, step: int, *extra: str, processes: int = 2) -> None:
+    """Run train.py with ``config`` and SIGKILL every process right after checkpoint-``step`` is written: the kill
+    lands at a known step, so the resume point (and what it must skip) is fixed, not a race."""
+    driver = config.with_name(config.stem + "-driver.py")
+    driver.write_text(KILL_AFTER_CHECKPOINT)
+    env = {"KILL_AFTER_STEP": str(step)}
+    if processes == 2:
+        completed = _torchrun(config, *extra, script=driver, **env)
+        assert completed.returncode != 0 and "Signal 9 (SIGKILL)" in completed.stderr, completed.stderr[-3000:]
+    else:
+        command = [sys.executable, str(driver), "--config", str(config), *extra]
+        # The threads of this process: the uninterrupted run it is compared with trains in process.
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "WANDB_MODE": "disabled", **env}
+        completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == -9, completed.stderr[-3000:]
+    output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    assert training.last_complete_checkpoint(output_dir) == str(output_dir / f"checkpoint-{step}")
+    assert not (output_dir / "model.safetensors").exists()  # killed mid-run, not after it
+
+
+def _assert_same_trajectory(resumed_dir: Path, whole_dir: Path, steps: int, rtol: float) -> None:
+    whole_losses = _losses(whole_dir)
+    assert len(set(whole_losses)) == len(whole_losses) == steps  # every step's batch leaves its own mark
+    torch.testing.assert_close(torch.tensor(_losses(resumed_dir)), torch.tensor(whole_losses), rtol=rtol, atol=0)
+    whole_weights, resumed_weights = _weights(whole_dir), _weights(resumed_dir)
+    assert set(resumed_weights) == set(whole_weights)
+    for key, value in whole_weights.items():
+        torch.testing.assert_close(resumed_weights[key], value, rtol=rtol, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_killed_two_rank_zero3_run_resumes_to_the_uninterrupted_loss_trajectory(world, tmp_path):
-    import signal
-    import time
-
     zero3 = str(ROOT / "configs/deepspeed/zero3.json")
     # Distinct rows, so a resume that replayed or skipped the wrong data would change the losses.
     settings = dict(max_steps=8, save_strategy="steps", save_steps=1, lr_scheduler_type="linear")
@@ -454,31 +494,82 @@ def test_a_killed_two_rank_zero3_run_resumes_to_the_uninterrupted_loss_trajector
     assert completed.returncode == 0, completed.stderr[-3000:]
 
     killed_config = _config(world, "varied", killed_dir, **settings)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command += [str(free_port()), "train.py", "--config", str(killed_config), "--deepspeed", zero3]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not (killed_dir / "checkpoint-2" / "trainer_state.json").exists():
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint-2 within 300 s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    assert not (killed_dir / "model.safetensors").exists()  # killed mid-run, not after it
-
+    _run_killed_after_checkpoint(killed_config, 2, "--deepspeed", zero3)
     completed = _torchrun(killed_config, "--deepspeed", zero3)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "resuming from" in completed.stderr
-    whole_losses = _losses(whole_dir)
-    assert len(set(whole_losses)) == len(whole_losses) == 8
-    torch.testing.assert_close(torch.tensor(_losses(killed_dir)), torch.tensor(whole_losses), rtol=1e-5, atol=0)
-    for key, value in _weights(whole_dir).items():
-        torch.testing.assert_close(_weights(killed_dir)[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    _assert_same_trajectory(killed_dir, whole_dir, steps=8, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_killed_zero3_sequence_parallel_run_resumes_to_the_uninterrupted_loss_trajectory(world, tmp_path):
+    from datasets import load_from_disk
+
+    # 6 distinct rows: each rank's loader holds 3 of them, and each loader batch is 2 SP micro-batches (one optimizer
+    # step each), so an epoch is 6 steps. Killed after step 9, the resume starts in epoch 1 (reshuffled) with 3
+    # micro-batches trained: one whole loader batch to skip, and one micro-batch of the next to drop. The uninterrupted
+    # run must also train all 12 steps across the epoch boundary (DeepSpeed's adapter alone loses one there).
+    six = load_from_disk(str(world / "varied"))
+    six["train"] = six["train"].select(range(6))
+    six.save_to_disk(str(tmp_path / "six"))
+    launch = ("--sp_size", "2", "--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"))
+    settings = dict(max_steps=12, save_strategy="steps", save_steps=3, lr_scheduler_type="linear")
+    settings["dataset_path"] = str(tmp_path / "six")
+    whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
+    completed = _torchrun(_config(world, "varied", whole_dir, **settings), *launch)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    killed_config = _config(world, "varied", killed_dir, **settings)
+    _run_killed_after_checkpoint(killed_config, 9, *launch)
+    completed = _torchrun(killed_config, *launch)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "resuming from" in completed.stderr
+    _assert_same_trajectory(killed_dir, whole_dir, steps=12, rtol=1e-5)
+
+
+def test_each_sequence_parallel_epoch_restarts_the_data_loader_shuffled_for_it_and_skips_in_its_sampler():
+    from accelerate.data_loader import prepare_data_loader
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPDataLoaderAdapter
+
+    loader = prepare_data_loader(
+        torch.utils.data.DataLoader(list(range(12)), batch_size=2, shuffle=True),
+        num_processes=1,
+        process_index=0,
+        use_seedable_sampler=True,
+        data_seed=0,
+    )
+    orders = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        orders.append([batch.tolist() for batch in loader])
+    assert orders[0] != orders[1]  # the shuffle depends on the epoch
+
+    adapter = UlyssesSPDataLoaderAdapter(loader, sp_rank=0, sp_group=None, sp_world_size=2, device="cpu")
+    loader.set_epoch(0)
+    adapter.iter = iter(loader)
+    assert [next(adapter.iter).tolist() for _ in range(6)] == orders[0]  # epoch 0 ends on a suspended iterator
+    adapter.micro_batches.append({"input_ids": None})
+    training.restart_ulysses_epoch(adapter, 1)
+    assert not adapter.micro_batches
+    assert [batch.tolist() for batch in adapter.iter] == orders[1]
+
+    training.restart_ulysses_epoch(adapter, 1)
+    # 4 micro-batches trained = 2 loader batches of 2 SP micro-batches each, skipped in the sampler (no row is read).
+    skipped = training.skip_first_batches_under_ulysses(adapter, 4)
+    assert isinstance(skipped, UlyssesSPDataLoaderAdapter) and skipped.sp_world_size == 2
+    assert [batch.tolist() for batch in skipped.dl] == orders[1][2:]
+    assert [batch.tolist() for batch in adapter.dl] == orders[1]  # later epochs iterate the whole loader again
+
+
+def test_resume_passes_over_a_checkpoint_killed_while_it_was_written(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False), (10, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert training.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert training.last_complete_checkpoint(tmp_path / "missing") is None
 
 
 THREAD_REPORT = """
@@ -517,15 +608,6 @@ def test_a_zero3_sequence_parallel_run_frees_its_process_groups_before_exit(worl
     for path in reports.iterdir():
         names = json.loads(path.read_text())
         assert not [name for name in names if "gloo" in name], f"rank {path.stem} still runs {names}"
-
-
-def test_resuming_a_sequence_parallel_run_needs_ignore_data_skip(tmp_path):
-    args = training.LongRopeTrainingArguments(output_dir=str(tmp_path), sp_size=2)
-    with pytest.raises(LongRopeError, match="ignore_data_skip: true"):
-        training.check_resume_supported(args, "outputs/x/checkpoint-3")
-    args.ignore_data_skip = True
-    training.check_resume_supported(args, "outputs/x/checkpoint-3")
-    training.check_resume_supported(training.LongRopeTrainingArguments(output_dir=str(tmp_path)), "checkpoint-3")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -571,6 +653,18 @@ def test_lora_fine_tune_trains_only_adapters_embeddings_and_norms_and_saves_a_me
     assert not rope.installed_modules(stock)
     assert type(stock).__name__ == "LlamaForCausalLM" and stock.config.rope_parameters["rope_type"] == "longrope"
     assert (output_dir / "tokenizer.json").is_file()
+
+
+def test_a_killed_lora_fine_tune_resumes_to_the_uninterrupted_loss_trajectory(world, tmp_path):
+    # The adapters come back from PEFT's adapter files and the embeddings and norms from the checkpoint's extra file;
+    # a resume that lost either (or the optimizer state of either) would bend the trajectory after step 3.
+    settings = dict(**LORA, max_steps=6, save_strategy="steps", save_steps=3, lr_scheduler_type="linear")
+    whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
+    train.main(["--config", str(_config(world, "varied", whole_dir, **settings))])
+    killed_config = _config(world, "varied", killed_dir, **settings)
+    _run_killed_after_checkpoint(killed_config, 3, processes=1)
+    train.main(["--config", str(killed_config)])
+    _assert_same_trajectory(killed_dir, whole_dir, steps=6, rtol=1e-5)
 
 
 def test_lora_keys_are_checked(world, tmp_path):
