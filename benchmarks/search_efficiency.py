@@ -64,12 +64,14 @@ def run(
 
 
 def crossing(log: list[dict], target: float, tolerance: float) -> dict | None:
-    """The first generation whose best fitness is within ``tolerance`` (relative) of ``target``."""
+    """The first generation (and wave, in fast mode) after which the best fitness is within ``tolerance``
+    (relative) of ``target``: tokens and seconds spent until then."""
     elapsed = 0.0
     for entry in log:
-        elapsed += entry["seconds"]
-        if entry["best_fitness"] <= target * (1 + tolerance):
-            return {"generation": entry["generation"], "tokens": entry["total_tokens"], "seconds": elapsed}
+        for wave in entry.get("waves") or [entry]:
+            elapsed += wave["seconds"]
+            if wave["best_fitness"] <= target * (1 + tolerance):
+                return {"generation": entry["generation"], "tokens": wave["total_tokens"], "seconds": elapsed}
     return None
 
 

@@ -441,14 +441,14 @@ def run_search(
 
     fitness = Fitness(model, args, samples, tokenizer)
     tracker = _Tracker(args, config) if distributed.is_main() else None
-    bar = _progress_bar(config.num_generations + 1, search.generation + (0 if search.pending else 1), progress)
+    bar = _progress_bar(config.num_generations + 1, search.generation + int(search.generation_complete), progress)
     my_rank, world = distributed.rank(), distributed.world_size()
     while not search.done:
         started = time.perf_counter()
         candidates = search.ask()
         if not candidates:
             break
-        generation = search.generation
+        generation, wave = search.generation, search.wave
         mine: dict[str, list[float]] = {}
         for candidate in candidates[my_rank::world]:
             fitness.install(scaling_for(args, plan, candidate))
@@ -461,15 +461,15 @@ def run_search(
             merged.update(part)
         units_before = search.sample_units
         search.tell(merged)
-        entry = _generation_entry(search, generation, search.sample_units - units_before, args.target_length)
-        entry["seconds"] = round(time.perf_counter() - started, 3)
-        run_log.append(entry)
+        seconds = time.perf_counter() - started
+        entry = _log_wave(run_log, search, generation, wave, search.sample_units - units_before, seconds, args)
+        finished = search.generation_complete
         if distributed.is_main():
             atomic_write_json(state_path, {"settings": settings, "evolution": search.state_dict(), "run_log": run_log})
             atomic_write_json(output_dir / GENERATIONS_FILE, _generations_report(search, run_log))
-            if tracker is not None:
+            if tracker is not None and finished:
                 tracker.log_generation(entry)
-        if bar is not None:
+        if bar is not None and finished:
             bar.update(1)
             bar.set_postfix(best=f"{entry['best_fitness']:.4f}")
     if bar is not None:
@@ -481,20 +481,40 @@ def run_search(
     return summary
 
 
-def _generation_entry(search: EvolutionSearch, generation: int, units: int, tokens_per_sample: int) -> dict[str, Any]:
+def _log_wave(
+    run_log: list[dict[str, Any]],
+    search: EvolutionSearch,
+    generation: int,
+    wave: int,
+    units: int,
+    seconds: float,
+    args: SearchArguments,
+) -> dict[str, Any]:
+    """Fold a told wave into its generation's entry of ``run_log`` (one entry per generation; fast mode breeds a
+    generation in waves, each listed under ``waves`` with the best fitness and token count when it ended)."""
     members = [e for e in search.history if e.generation == generation]
     scored = [e.fitness for e in search.history if e.status != "stopped"]
     best = search.best
-    return {
+    previous = run_log[-1] if run_log and run_log[-1]["generation"] == generation else None
+    if previous is not None:
+        run_log.pop()
+    best_fitness = best.fitness if best else math.inf
+    tokens = search.sample_units * args.target_length
+    entry = {
         "generation": generation,
-        "best_fitness": best.fitness if best else math.inf,
+        "best_fitness": best_fitness,
         "median_fitness": statistics.median(scored) if scored else math.inf,
         "evaluated": len(members),
-        "sample_units": units,
-        "tokens": units * tokens_per_sample,
+        "sample_units": units + (previous["sample_units"] if previous else 0),
+        "tokens": (units + (previous["sample_units"] if previous else 0)) * args.target_length,
         "total_sample_units": search.sample_units,
-        "total_tokens": search.sample_units * tokens_per_sample,
+        "total_tokens": tokens,
+        "seconds": round(seconds + (previous["seconds"] if previous else 0.0), 3),
+        "waves": (previous["waves"] if previous else [])
+        + [{"wave": wave, "best_fitness": best_fitness, "total_tokens": tokens, "seconds": round(seconds, 3)}],
     }
+    run_log.append(entry)
+    return entry
 
 
 def _generations_report(search: EvolutionSearch, run_log: list[dict[str, Any]]) -> dict[str, Any]:

@@ -257,10 +257,57 @@ def test_fast_mode_starts_from_the_seeds_and_stops_children_worse_than_all_of_th
     assert {c.key for c in seeds} == {search.project(s).key for s in paper_seeds().values()}
     search.tell(score_generation(search, seeds))
     children = search.ask()
-    assert len(children) == 32 and not {c.key for c in children} & {c.key for c in seeds}
+    assert len(children) == search.config.wave_size and not {c.key for c in children} & {c.key for c in seeds}
     # Fewer than elite_size candidates are known: a child worse than every one of them is stopped.
     assert search.stop_threshold() == max(e.fitness for e in search.history)
     assert search.parents()[0].fitness == min(e.fitness for e in search.history)
+
+
+def test_fast_mode_breeds_each_generation_in_waves_from_the_elite_the_previous_waves_left() -> None:
+    config = make_config(mode="fast", num_generations=2, num_mutations=8, num_crossovers=8, wave_size=4)
+    search = EvolutionSearch(config, paper_seeds())
+    assert search.waves_per_generation == 4
+    search.tell(score_generation(search, search.ask()))
+    assert search.generation_complete and search.generation == 0
+    for wave in range(4):
+        children = search.ask()
+        assert (search.generation, search.wave) == (1, wave) and len(children) == 4
+        assert not search.generation_complete
+        # The first child of each wave is told a fitness better than anything known: the next wave breeds from it.
+        search.tell({c.key: (0.5 - 0.1 * wave if i == 0 else 1e9) for i, c in enumerate(children)})
+        assert search.parents()[0].candidate.key == children[0].key
+        assert search.generation_complete == (wave == 3)
+    origins = [e.origin for e in search.history if e.generation == 1]
+    assert sum(o == "mutation" for o in origins) == 8 and sum(o.startswith("crossover") for o in origins) == 8
+    search.ask()
+    assert (search.generation, search.wave) == (2, 0)
+    while not search.done:
+        search.tell(score_generation(search, search.ask()))
+    assert len([e for e in search.history if e.generation == 2]) == 16
+    # Paper mode, and fast mode with wave_size 0, make a generation in one go.
+    assert EvolutionSearch(make_config(mode="fast", wave_size=0), paper_seeds()).waves_per_generation == 1
+    assert EvolutionSearch(make_config(wave_size=4), paper_seeds()).waves_per_generation == 1
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_fast_mode_mutation_step_follows_the_one_fifth_success_rule(adapt: bool) -> None:
+    config = make_config(mode="fast", num_mutations=2, num_crossovers=2, wave_size=4, adapt_sigma=adapt)
+    search = EvolutionSearch(config, paper_seeds())
+    search.tell(score_generation(search, search.ask()))
+    assert search.mutation_step == config.mutation_sigma == 0.2
+    # Every child of this wave beats everything known (all enter the elite): the step grows by exp(1 - 1/5).
+    search.tell({c.key: 0.5 for c in search.ask()})
+    search.ask()
+    grown = 0.2 * math.exp(0.8) if adapt else 0.2
+    assert search.mutation_step == pytest.approx(grown)
+    # None does: it shrinks by exp(-1/5) per wave, never below 0.02; a resumed search keeps the adapted step.
+    for _ in range(40):
+        search.tell({c.key: 1e9 for c in search.ask()})
+    assert search.mutation_step == pytest.approx(0.02 if adapt else 0.2)
+    assert _reloaded(search, config).mutation_step == search.mutation_step
+    parent = search.parents()[0].candidate
+    steps = [np.abs(np.log(np.asarray(search.mutate(parent).factors) / parent.factors)).max() for _ in range(50)]
+    assert max(steps) < (0.15 if adapt else 1.5)
 
 
 def test_crossover_keeps_constraints_and_takes_genes_from_the_parents() -> None:
@@ -413,10 +460,11 @@ def _reloaded(search: EvolutionSearch, config: EvolutionConfig) -> EvolutionSear
     return resumed
 
 
-def test_a_resumed_run_may_be_extended_to_more_generations() -> None:
-    longer = run(EvolutionSearch(make_config(num_generations=8, seed=2), paper_seeds()))
-    shorter = run(EvolutionSearch(make_config(num_generations=5, seed=2), paper_seeds()))
-    extended = _reloaded(shorter, make_config(num_generations=8, seed=2))
+@pytest.mark.parametrize("mode", ["paper", "fast"])
+def test_a_resumed_run_may_be_extended_to_more_generations(mode: str) -> None:
+    longer = run(EvolutionSearch(make_config(num_generations=8, seed=2, mode=mode), paper_seeds()))
+    shorter = run(EvolutionSearch(make_config(num_generations=5, seed=2, mode=mode), paper_seeds()))
+    extended = _reloaded(shorter, make_config(num_generations=8, seed=2, mode=mode))
     assert not extended.done
     assert outcome(run(extended)) == outcome(longer)
 
@@ -463,6 +511,7 @@ def test_fast_mode_with_a_zero_floor_makes_exactly_the_papers_decisions() -> Non
         elite_size=0,
         mutation_sigma=0.0,
         seeds_only_start=False,
+        wave_size=0,
     )
     proved = run(EvolutionSearch(config, paper_seeds()), steep_sample_nll)
     assert proved.best == paper.best

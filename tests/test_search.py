@@ -28,6 +28,7 @@ SMALL_EVOLUTION = {
     "num_crossovers": 4,
     "num_parents": 4,
     "num_generations": 3,
+    "wave_size": 4,
 }
 
 
@@ -101,6 +102,12 @@ def test_search_writes_factors_that_beat_its_seeds(world, tmp_path):
     report = json.loads((out / "generations.json").read_text())
     assert [g["generation"] for g in report["generations"]] == [0, 1, 2, 3]
     assert report["generations"][0]["population"][0]["origin"] == "seed:pi"
+    # Fast mode breeds each generation's 8 children in 2 waves of 4; the log has one entry per generation.
+    for entry in report["generations"][1:]:
+        waves = entry["waves"]
+        assert [w["wave"] for w in waves] == [0, 1] and len(entry["population"]) == entry["evaluated"] <= 8
+        assert waves[0]["total_tokens"] < waves[1]["total_tokens"] == entry["total_tokens"]
+        assert waves[1]["best_fitness"] == entry["best_fitness"] <= waves[0]["best_fitness"]
     csv_values = [float(line) for line in (out / "result_final.csv").read_text().split()]
     assert csv_values == pytest.approx(list(long_factors))
     # The fitness is the perplexity of the model with those factors on the samples: recompute it independently.
