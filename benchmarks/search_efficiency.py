@@ -13,6 +13,8 @@ machine (``--rerun_paper`` runs it again, e.g. for fresh wall times).
     python -m data.prepare --config configs/tiny/data_search.yaml
     python -m benchmarks.search_efficiency                       # tiny model, 256 -> 2048, 3 seeds
     python -m benchmarks.search_efficiency --seeds 0 --generations 6 --population 16   # a quick look
+    python -m benchmarks.search_efficiency --seeds 0 1 2 3 4 5 --fast_overrides '{"wave_size": 0}' \
+        --output /tmp/no-waves                                  # an ablation (a new output file runs paper mode too)
 
 Writes benchmarks/results/search_efficiency.{json,md}.
 """
@@ -47,6 +49,7 @@ def run(
         "num_crossovers": args.population // 4,
         "num_parents": args.population // 2,
         "num_generations": generations,
+        **(args.fast_overrides if mode == "fast" else {}),
     }
     search_args = SearchArguments(
         target_length=args.target_length,
@@ -121,6 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tolerance", type=float, default=0.0, help="relative slack on the paper's final fitness")
     parser.add_argument("--chunk", type=int, default=2, help="fast-mode generations run between target checks")
     parser.add_argument("--rerun_paper", action="store_true", help="run paper mode even if its results are recorded")
+    parser.add_argument(
+        "--fast_overrides",
+        type=json.loads,
+        default={},
+        help='fast-mode evolution keys for an ablation, e.g. \'{"wave_size": 0, "adapt_sigma": false}\'',
+    )
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "search_efficiency"))
     args = parser.parse_args(argv)
 
