@@ -250,7 +250,7 @@ class EvolutionConfig:
     NTK and YaRN), ``("yarn",)`` reproduces the released code. ``max_mutation_tries`` bounds the redraws of a child
     that is already known (the released code loops forever). ``num_samples`` is N, the samples per full fitness.
     The ``stop_rule`` / ``nll_floor`` / ``floor_margin`` / ``race_*`` knobs matter only in ``fast`` mode (see
-    :meth:`EvolutionSearch.should_continue`), and so do these three, which make the fast search greedier:
+    :meth:`EvolutionSearch.should_continue`), and so do these five, which make the fast search greedier:
     ``elite_size`` (k of fast mode: the parents and the stop threshold; 0 uses ``num_parents``), ``mutation_sigma``
     (the initial log-normal step of a mutated factor, sorted afterwards to stay monotone; 0 keeps the paper's redraw
     between neighbours), ``adapt_sigma`` (the step follows the 1/5 success rule after every wave), ``wave_size``
@@ -1167,8 +1167,9 @@ class EvolutionSearch:
             self._mutate_genes(grid, first, last, low, high)
 
     def _perturb_genes(self, grid: np.ndarray, first: int, last: int, low: int, high: int) -> None:
-        # Small multiplicative steps around the parent (the paper redraws a gene anywhere between its neighbours,
-        # which near a good curve is almost always a large step back); sorting restores the monotone constraint.
+        # Multiplicative steps around the parent, sized by the adapted sigma (the paper redraws a gene anywhere
+        # between its neighbours, which near a good curve is almost always a step back); sorting restores the
+        # monotone constraint.
         p, sigma = self.config.mutation_prob, self._sigma
         for i in range(first, last + 1):
             if self._rng.random() < p:
