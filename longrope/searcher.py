@@ -500,13 +500,14 @@ def _log_wave(
         run_log.pop()
     best_fitness = best.fitness if best else math.inf
     tokens = search.sample_units * args.target_length
+    generation_units = units + (previous["sample_units"] if previous else 0)
     entry = {
         "generation": generation,
         "best_fitness": best_fitness,
         "median_fitness": statistics.median(scored) if scored else math.inf,
         "evaluated": len(members),
-        "sample_units": units + (previous["sample_units"] if previous else 0),
-        "tokens": (units + (previous["sample_units"] if previous else 0)) * args.target_length,
+        "sample_units": generation_units,
+        "tokens": generation_units * args.target_length,
         "total_sample_units": search.sample_units,
         "total_tokens": tokens,
         "seconds": round(seconds + (previous["seconds"] if previous else 0.0), 3),
