@@ -198,7 +198,7 @@ def stage_command(stage: Stage, config_path: Path) -> list[str]:
     return [sys.executable, stage.entry, "--config", str(config_path)]
 
 
-def resume_arguments(stage: Stage, config: dict[str, Any], output: Path) -> list[str]:
+def resume_arguments(stage: Stage, output: Path) -> list[str]:
     """Extra arguments that let a stage killed part-way continue instead of refusing to start again."""
     if stage.entry == "search.py" and (output / "search_state.json").is_file():
         return ["--resume", "true"]  # search.py checks the state was written with the same settings
@@ -267,7 +267,7 @@ def run_pipeline(
             continue
         header = f"# Stage {stage.name} of the LongRoPE pipeline ({profile}): {stage.config}, chained and resolved.\n"
         atomic_write_text(config_path, header + yaml.safe_dump(entry.config, sort_keys=False))
-        command = stage_command(stage, config_path) + resume_arguments(stage, entry.config, entry.output)
+        command = stage_command(stage, config_path) + resume_arguments(stage, entry.output)
         stage_env = {**env, "OMP_NUM_THREADS": "1"} if stage.processes > 1 else env
         log_path = output_dir / "logs" / f"{stage.name}.log"
         if echo:

@@ -192,10 +192,9 @@ def test_a_failing_stage_stops_the_pipeline_with_one_line_and_keeps_its_log(tmp_
 def test_a_stage_killed_part_way_gets_what_it_needs_to_continue(tmp_path):
     search = pipeline.Stage("search-x", "search.py", "c.yaml", ("factors.json",), 2)
     train = pipeline.Stage("finetune-x", "train.py", "c.yaml", ("model.safetensors",), 2)
-    assert pipeline.resume_arguments(search, {}, tmp_path) == []
+    assert pipeline.resume_arguments(search, tmp_path) == []
     (tmp_path / "search_state.json").write_text("{}")
-    assert pipeline.resume_arguments(search, {}, tmp_path) == ["--resume", "true"]
+    assert pipeline.resume_arguments(search, tmp_path) == ["--resume", "true"]
     (tmp_path / "checkpoint-50").mkdir()
     # train.py resumes by itself and skips the batches already trained on, also under sequence parallelism.
-    assert pipeline.resume_arguments(train, {"sp_size": 2}, tmp_path) == []
-    assert pipeline.resume_arguments(train, {"sp_size": 1}, tmp_path) == []
+    assert pipeline.resume_arguments(train, tmp_path) == []
