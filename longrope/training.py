@@ -471,16 +471,11 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     with the checkpoint's weights; a newer folder lacking it (the run was killed while saving) is passed over.
     """
     from transformers.trainer import TRAINER_STATE_NAME
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    from transformers.trainer_utils import sort_checkpoints
 
-    steps = []
-    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
-        if suffix.isdigit() and path.is_dir():
-            steps.append((int(suffix), path))
-    for _, path in sorted(steps, reverse=True):
-        if (path / TRAINER_STATE_NAME).is_file():
-            return str(path)
+    for path in reversed(sort_checkpoints(str(output_dir))):  # by step number, newest first
+        if (Path(path) / TRAINER_STATE_NAME).is_file():
+            return path
         logger.warning("%s has no %s (killed while saving?); an older checkpoint is used", path, TRAINER_STATE_NAME)
     return None
 
