@@ -13,7 +13,7 @@ Variants: ``lambda`` (the released ``dim_mono``), ``lambda_start`` (also n, as i
 ``piecewise`` (``dim_piece_mono``: dims <= alpha keep 1, dims > beta get the scale, dims in between are searched)
 and ``longrope2`` (LongRoPE2's critical-dimension search: dims >= d_rcd searched in [s, 2s], dims below NTK-filled).
 
-Two modes:
+Two modes (``EvolutionConfig.mode``; ``fast`` is the default):
 
 * ``paper``: Algorithm 1 as published. Every candidate is scored on all ``num_samples`` samples.
 * ``fast``: cheaper at equal quality. The caller scores a candidate one sample at a time and asks
@@ -244,11 +244,13 @@ class SearchSpaceConfig:
 
 @dataclass
 class EvolutionConfig:
-    """How the search runs. Defaults are the paper's (LongRoPE Sec. 4, targets up to 256k).
+    """How the search runs. Defaults are the paper's (LongRoPE Sec. 4, targets up to 256k), except ``mode``.
 
-    ``init_seeds`` names the seeds the initial population is built from; empty means all of them (the paper: PI,
-    NTK and YaRN), ``("yarn",)`` reproduces the released code. ``max_mutation_tries`` bounds the redraws of a child
-    that is already known (the released code loops forever). ``num_samples`` is N, the samples per full fitness.
+    ``mode`` defaults to ``fast``, the project's default (the paper mode's final fitness for a fraction of its
+    samples, see the module docstring); ``paper`` is Algorithm 1 as published. ``init_seeds`` names the seeds the
+    initial population is built from; empty means all of them (the paper: PI, NTK and YaRN), ``("yarn",)``
+    reproduces the released code. ``max_mutation_tries`` bounds the redraws of a child that is already known (the
+    released code loops forever). ``num_samples`` is N, the samples per full fitness.
     The ``stop_rule`` / ``nll_floor`` / ``floor_margin`` / ``race_*`` knobs matter only in ``fast`` mode (see
     :meth:`EvolutionSearch.should_continue`), and so do these five, which make the fast search greedier:
     ``elite_size`` (k of fast mode: the parents and the stop threshold; 0 uses ``num_parents``), ``mutation_sigma``
@@ -271,7 +273,7 @@ class EvolutionConfig:
     max_crossover_tries: int = 20
     max_mutation_tries: int = 100
     seed: int = 0
-    mode: str = "paper"
+    mode: str = "fast"
     init_seeds: tuple[str, ...] = ()
     num_samples: int = 5
     stop_rule: str = "race"

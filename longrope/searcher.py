@@ -376,7 +376,6 @@ def evolution_config(args: SearchArguments, plan: StagePlan, model_config: Any) 
         space["start_token_choices"] = tuple(
             n for n in SearchSpaceConfig.__dataclass_fields__["start_token_choices"].default if n < args.target_length
         )
-    settings.setdefault("mode", "fast")  # the cheaper default; mode: paper is Algorithm 1 as published
     settings.setdefault("num_samples", args.num_samples)
     if settings["num_samples"] != args.num_samples:
         raise LongRopeError("evolution.num_samples: set num_samples at the top level only")
