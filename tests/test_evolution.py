@@ -19,6 +19,7 @@ import pytest
 from longrope.errors import LongRopeError
 from longrope.evolution import (
     PAPER_START_TOKENS,
+    VARIANTS,
     Candidate,
     EvolutionConfig,
     EvolutionSearch,
@@ -26,6 +27,7 @@ from longrope.evolution import (
     critical_dimension_range,
     fitness_from_sample_nll,
 )
+from longrope.evolution.variants import VARIANT_TYPES
 
 NUM_FACTORS = 16
 SCALE = 4.0
@@ -618,3 +620,8 @@ def test_lambda_start_variant_searches_the_start_tokens() -> None:
     tokens = {e.candidate.start_tokens for e in search.history}
     assert tokens <= set(PAPER_START_TOKENS) and len(tokens) > 5
     assert search.best.candidate.start_tokens in (4, 8, 12, 16)
+
+
+def test_every_variant_has_its_operators() -> None:
+    assert set(VARIANT_TYPES) == set(VARIANTS)
+    assert len(set(VARIANT_TYPES.values())) == len(VARIANTS)
