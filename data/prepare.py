@@ -25,21 +25,21 @@ import json
 import logging
 import sys
 
-from longrope.args import DataArguments, PrepareArguments, parse_config, resolved_config
-from longrope.data import (
-    build_byte_tokenizer,
-    describe_sources,
-    prepare_dataset,
-    save_dataset_atomically,
-)
-from longrope.errors import LongRopeError
-from longrope.modeling import load_tokenizer
+from longrope.args import DataArguments, PrepareArguments, TokenizerArguments, parse_config, resolved_config
+from longrope.errors import LongRopeError, exit_on_user_error
 
 logger = logging.getLogger("prepare")
 
 
-def prepare(data_args: DataArguments, prepare_args: PrepareArguments | None = None) -> dict:
+def prepare(
+    data_args: DataArguments, tokenizer_args: TokenizerArguments, prepare_args: PrepareArguments | None = None
+) -> dict:
     """Run the preparation described by ``data_args``; returns the summary that is also saved with the dataset."""
+    from longrope.corpus import build_byte_tokenizer
+    from longrope.data import check_dataset_path, prepare_dataset, save_dataset_atomically
+    from longrope.modeling import load_tokenizer
+    from longrope.sources import describe_sources
+
     prepare_args = prepare_args or PrepareArguments()
     if prepare_args.write_byte_tokenizer:
         build_byte_tokenizer().save_pretrained(prepare_args.write_byte_tokenizer)
@@ -49,14 +49,15 @@ def prepare(data_args: DataArguments, prepare_args: PrepareArguments | None = No
         raise LongRopeError("sources: empty; list at least one hub dataset, local path or python-stdlib")
     if data_args.dataset_path is None:
         raise LongRopeError("dataset_path: required; the folder the prepared dataset is written to")
+    check_dataset_path(data_args.dataset_path)  # before any work: a user's folder is never replaced
 
-    tokenizer = load_tokenizer(data_args.tokenizer_name_or_path)
+    tokenizer = load_tokenizer(tokenizer_args.tokenizer_name_or_path)
     dataset, counts = prepare_dataset(data_args, tokenizer)
     summary = {
         **counts,
-        "config": resolved_config(data_args),
+        "config": resolved_config(tokenizer_args, data_args),
         "inputs": describe_sources(data_args.sources, data_args.corpus_dir),
-        "tokenizer": {"name_or_path": data_args.tokenizer_name_or_path, "vocab_size": len(tokenizer)},
+        "tokenizer": {"name_or_path": tokenizer_args.tokenizer_name_or_path, "vocab_size": len(tokenizer)},
     }
     save_dataset_atomically(dataset, data_args.dataset_path, summary)
     return summary
@@ -64,11 +65,11 @@ def prepare(data_args: DataArguments, prepare_args: PrepareArguments | None = No
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        data_args, prepare_args = parse_config((DataArguments, PrepareArguments), argv)
-        summary = prepare(data_args, prepare_args)
-    except LongRopeError as error:
-        raise SystemExit(f"prepare.py: error: {error}") from None
+    with exit_on_user_error("prepare.py"):
+        tokenizer_args, data_args, prepare_args = parse_config(
+            (TokenizerArguments, DataArguments, PrepareArguments), argv
+        )
+        summary = prepare(data_args, tokenizer_args, prepare_args)
     if "splits" in summary:
         print(
             json.dumps(

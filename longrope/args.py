@@ -1,46 +1,118 @@
-"""The dataclasses behind every YAML key, and the one parser the scripts use.
+"""Every config key the entry points share, defined once, and the one parser they all use.
 
-Each key is defined once here (with its help text) and means the same thing in ``data/prepare.py``, ``search.py``,
-``train.py`` and ``evaluate.py``. Training keys are transformers' own ``TrainingArguments``. A config is read by TRL's
-``TrlParser``: ``--config file.yaml`` sets defaults, command-line flags override them (``--learning_rate 1e-3``).
-Unknown keys, in the YAML or on the command line, are errors; cross-field checks live in ``__post_init__``. Every
-user mistake surfaces as a one-line ``LongRopeError`` that names the key and the fix.
+One concept has one key everywhere: a user who writes ``sp_size`` for train.py writes it for evaluate.py too. Each
+dataclass here groups the keys of one concept and is read by every entry point that needs it:
+
+========================== ===================================================== ================================
+dataclass                  keys                                                  read by
+========================== ===================================================== ================================
+TokenizerArguments         tokenizer_name_or_path                                every entry point
+ModelArguments             model_name_or_path, model_config, config_overrides,   search, train, evaluate, export
+                           attn_implementation, dtype, trust_remote_code
+RopeArguments              rope_method, rope_factors_path, rope_mscale,          search, train, evaluate (each
+                           target_length, original_max_position_embeddings,      ``methods`` entry), export
+                           yarn_beta_fast, yarn_beta_slow
+ExportArguments            allow_start_tokens                                    train, export
+SequenceParallelArguments  sp_size                                               train, evaluate
+LossArguments              loss_chunk_size                                       search, train, evaluate
+DocumentChoiceArguments    num_documents, document_seed                          prepare, search, evaluate
+DocumentsArguments         documents_path, documents_prepare_config (+ choice)   search, evaluate
+OutputArguments            output_dir                                            search, evaluate, export
+TrackingArguments          report_to, run_name                                   search, evaluate
+DataArguments              sources, dataset_path, max_seq_len, ...               prepare, train
+========================== ===================================================== ================================
+
+train.py's output_dir / report_to / run_name are transformers' own ``TrainingArguments`` keys, with the same names
+and meanings. A config is read by TRL's ``TrlParser``: ``--config file.yaml`` sets defaults, command-line flags
+override them. Unknown keys are errors, a renamed key names its new name (:data:`RENAMED_KEYS`), and every mistake is
+one ``LongRopeError`` line naming the key and the fix. Parsing has no side effects beyond what transformers' own
+``TrainingArguments`` does; distributed set-up happens where a run starts.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import enum
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from longrope.data import DEFAULT_CORPUS_DIR, SourceSpec
+from longrope.corpus import DEFAULT_CORPUS_DIR, STDLIB_SOURCE
 from longrope.errors import LongRopeError
+from longrope.loss import DEFAULT_LOSS_CHUNK_SIZE
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+REPORT_TO = ("none", "wandb")
+
+# Keys an earlier version used for a concept that now has one name everywhere. They are refused with the new name,
+# never silently aliased (an alias would let two spellings of one setting disagree inside one config).
+RENAMED_KEYS = {
+    "sequence_parallel_size": "sp_size",
+    "chunk_size": "loss_chunk_size",
+    "factors_path": "rope_factors_path",
+    "mscale": "rope_mscale",
+    "num_samples": "num_documents",
+    "sample_seed": "document_seed",
+    "selection_seed": "document_seed",
+    "method": "rope_method",
+    "beta_fast": "yarn_beta_fast",
+    "beta_slow": "yarn_beta_slow",
+}
+
+
+class KeyGroup:
+    """Base of every key group: each group's ``__post_init__`` checks its own keys and then calls the next one in the
+    MRO, so a dataclass composed of several groups (e.g. ``class SearchArguments(DocumentsArguments, LossArguments,
+    ...)``) runs every group's checks, and transformers' ``TrainingArguments`` last when it is among the bases."""
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+
+def require_positive_int(key: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        suffix = " or null" if allow_none else ""
+        raise LongRopeError(f"{key}: {value!r} must be a positive integer{suffix}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and tokenizer
 
 
 @dataclass
-class ModelArguments:
-    """Which model to train: a config to initialise (pretraining) or a checkpoint to load (fine-tuning)."""
+class TokenizerArguments(KeyGroup):
+    """Which tokenizer turns text into tokens (default: the model's own)."""
+
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder or hub name (default: model_name_or_path). Needs BOS and EOS tokens."},
+    )
+
+
+@dataclass
+class ModelArguments(TokenizerArguments):
+    """Which model: a checkpoint to load (search, evaluation, fine-tuning) or a config to initialise (pretraining)."""
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={
-            "help": "Checkpoint to fine-tune: a local folder or a hub name. Mutually exclusive with model_config."
-        },
+        metadata={"help": "Checkpoint: a local folder or a hub name. Mutually exclusive with model_config."},
     )
     model_config: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Pretraining from scratch: a mapping of config keys with model_type (in YAML), a JSON string, or "
-            "the path of a config.json / model folder. vocab_size and special token ids default to the tokenizer's."
+            "help": "Pretraining from scratch (train.py): a mapping of config keys with model_type (in YAML), a JSON "
+            "string, or the path of a config.json / model folder. vocab_size and special token ids default to the "
+            "tokenizer's."
         },
     )
     config_overrides: dict | None = field(
@@ -68,10 +140,11 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        if (self.model_name_or_path is None) == (self.model_config is None):
+        super().__post_init__()
+        if self.model_name_or_path is not None and self.model_config is not None:
             raise LongRopeError(
-                "model_name_or_path / model_config: set exactly one (a checkpoint to fine-tune, or a config to "
-                "pretrain from scratch)"
+                "model_name_or_path / model_config: set one (a checkpoint to load, or a config to pretrain from "
+                "scratch), not both"
             )
         if isinstance(self.model_config, str) and self.model_config.lstrip().startswith("{"):
             try:
@@ -89,10 +162,290 @@ class ModelArguments:
         if self.dtype not in DTYPES:
             raise LongRopeError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
+    @property
+    def tokenizer_path(self) -> str | None:
+        return self.tokenizer_name_or_path or self.model_name_or_path
+
+    def require_checkpoint(self, entry_point: str) -> str:
+        """model_name_or_path, which ``entry_point`` cannot do without (only train.py pretrains from a config)."""
+        if self.model_name_or_path is None:
+            raise LongRopeError(
+                f"model_name_or_path: required by {entry_point}; give a model folder (e.g. models/tiny) or a hub name"
+            )
+        return self.model_name_or_path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RoPE
+
 
 @dataclass
-class DataArguments:
-    """Corpora and how they become model inputs (``data/prepare.py`` writes ``dataset_path``, the scripts read it)."""
+class RopeArguments(KeyGroup):
+    """How positions are rotated: the same keys in train.py, search.py, each evaluate.py ``methods`` entry and
+    ``python -m longrope.factors export``. Resolved against a model by :func:`longrope.rope_config.resolve_rope`."""
+
+    rope_method: str | None = field(
+        default=None,
+        metadata={
+            "help": "RoPE scaling method, one of longrope.rope.METHODS: none (the checkpoint's own RoPE), pi, ntk, "
+            "dynamic_ntk (evaluation only), yarn, longrope (factors from rope_factors_path). Default: longrope when "
+            "rope_factors_path is set, else none. search.py always searches longrope factors and takes no method."
+        },
+    )
+    rope_factors_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Factors file (search.py's factors.json or an official CSV). search.py: the input factors (second "
+            "and short stage: the fine-tuned model's, default its config's; first stage: an extra seed)."
+        },
+    )
+    rope_mscale: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention factor: su, yarn, none or a number (default: the method's own: su for longrope and "
+            "search candidates, yarn for yarn, none for pi and ntk; a factors file's recorded value)."
+        },
+    )
+    target_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Target context window in tokens: the length search.py searches for (short stage: at or below "
+            "the original window), the window train.py's pi/ntk/yarn are set up for (longrope: the file's), the length "
+            "evaluate.py's baselines are set up for (default: its longest evaluated length)."
+        },
+    )
+    original_max_position_embeddings: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pre-training window (default: the model config's; Mistral-7B-v0.1 says 32k where the paper "
+            "treats 8k)."
+        },
+    )
+    yarn_beta_fast: float = field(
+        default=32.0, metadata={"help": "YaRN beta_fast (the official search: 32 for Llama, 128 for Mistral)."}
+    )
+    yarn_beta_slow: float = field(
+        default=1.0, metadata={"help": "YaRN beta_slow (the official search: 1 for Llama, 2 for Mistral)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from longrope import rope
+
+        if self.rope_method is not None:
+            self.rope_method = rope.method(self.rope_method, key="rope_method").name
+        if self.rope_factors_path is not None and self.method not in rope.methods_with(from_file=True):
+            raise LongRopeError(
+                f"rope_factors_path: only read by rope_method longrope (got {self.rope_method}); drop one of them"
+            )
+        if self.method in rope.methods_with(from_file=True) and not self.rope_factors_path:
+            raise LongRopeError(
+                f"rope_factors_path: required by rope_method {self.method}; give search.py's factors.json"
+            )
+        require_positive_int("target_length", self.target_length, allow_none=True)
+        require_positive_int(
+            "original_max_position_embeddings", self.original_max_position_embeddings, allow_none=True
+        )
+        if self.rope_mscale is not None:
+            rope.parse_mscale(self.rope_mscale, key="rope_mscale")
+        for key in ("yarn_beta_fast", "yarn_beta_slow"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise LongRopeError(f"{key}: {value!r} must be a number > 0")
+
+    @property
+    def method(self) -> str:
+        """The method this config asks for, with the default applied."""
+        if self.rope_method is not None:
+            return self.rope_method
+        return "longrope" if self.rope_factors_path else "none"
+
+    @classmethod
+    def from_mapping(
+        cls, values: Mapping[str, Any], where: str, defaults: RopeArguments | None = None
+    ) -> RopeArguments:
+        """An instance from a YAML mapping (an evaluate.py ``methods`` entry), on top of ``defaults``'s values."""
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key in RENAMED_KEYS and RENAMED_KEYS[key] in known:
+                raise LongRopeError(f"{where}.{key}: renamed to {RENAMED_KEYS[key]}; use {RENAMED_KEYS[key]}")
+            if key not in known:
+                raise LongRopeError(
+                    f"{where}: unknown key {key!r}{_suggestion(str(key), known)}; use name and the RoPE keys "
+                    f"({', '.join(sorted(known))})"
+                )
+        base = {} if defaults is None else dataclasses.asdict(defaults)
+        # A method entry names its own method or factors; only the shared settings come from the top level, and a
+        # factors file carries its own target length.
+        base.pop("rope_method", None)
+        base.pop("rope_factors_path", None)
+        if values.get("rope_factors_path"):
+            base.pop("target_length", None)
+        try:
+            return cls(**{**base, **values})
+        except LongRopeError as error:
+            raise LongRopeError(f"{where}.{error}") from None
+
+
+@dataclass
+class ExportArguments(KeyGroup):
+    """What a stock-loadable checkpoint cannot hold, and whether to drop it (train.py's output, factors export)."""
+
+    allow_start_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept factors with start tokens > 0; the saved config (stock loaders) then drops them. Off: "
+            "such factors are refused."
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Long sequences
+
+
+@dataclass
+class SequenceParallelArguments(KeyGroup):
+    """Ulysses sequence parallelism (DeepSpeed ALST), in training and in evaluation alike."""
+
+    sp_size: int = field(
+        default=1,
+        metadata={
+            "help": "Sequence-parallel degree: each sequence is split over this many ranks (DeepSpeed Ulysses). Must "
+            "divide the launched processes (evaluate.py: equal them), the attention and KV heads and the length."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive_int("sp_size", self.sp_size)
+
+
+@dataclass
+class LossArguments(KeyGroup):
+    """The memory-linear loss: lm_head + cross-entropy over a few tokens at a time, never length x vocab logits."""
+
+    loss_chunk_size: int | None = field(
+        default=DEFAULT_LOSS_CHUNK_SIZE,
+        metadata={
+            "help": "Tokens per lm_head + cross-entropy chunk (each chunk is recomputed in train.py's backward), so "
+            "no length x vocab logits exist. null: the whole sequence at once (train.py: the model's own loss)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive_int("loss_chunk_size", self.loss_chunk_size, allow_none=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Documents and outputs
+
+
+@dataclass
+class DocumentChoiceArguments(KeyGroup):
+    """A seeded choice of N documents among those that qualify."""
+
+    num_documents: int | None = field(
+        default=None,
+        metadata={
+            "help": "Documents to use, a seeded choice among those long enough (default: all). search.py: N, the "
+            "documents each candidate is scored on (the paper: 5 samples); prepare: documents to keep."
+        },
+    )
+    document_seed: int = field(default=0, metadata={"help": "Seed of the num_documents choice."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive_int("num_documents", self.num_documents, allow_none=True)
+        if isinstance(self.document_seed, bool) or not isinstance(self.document_seed, int):
+            raise LongRopeError(f"document_seed: {self.document_seed!r} must be an integer")
+
+
+@dataclass
+class DocumentsArguments(DocumentChoiceArguments):
+    """Where search samples and evaluation documents come from."""
+
+    documents_path: str | None = field(
+        default=None,
+        metadata={"help": "Prepared documents (data/prepare.py with output_format documents), one row per document."},
+    )
+    documents_prepare_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Data config that builds documents_path (python -m data.prepare --config ...); run first when "
+            "documents_path does not exist yet, so one command works on a fresh clone."
+        },
+    )
+
+
+@dataclass
+class OutputArguments(KeyGroup):
+    """Where a run writes (train.py: transformers' output_dir, same meaning)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Folder the run writes its files into."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.output_dir:
+            raise LongRopeError("output_dir: required; the folder this run writes its results into")
+
+
+@dataclass
+class TrackingArguments(KeyGroup):
+    """Experiment tracking (train.py: transformers' report_to and run_name, same meaning)."""
+
+    report_to: str = field(default="none", metadata={"help": "none or wandb (offline when no credentials exist)."})
+    run_name: str | None = field(default=None, metadata={"help": "W&B run name (default: output_dir's name)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.report_to not in REPORT_TO:
+            raise LongRopeError(f"report_to: {self.report_to!r} is not one of {', '.join(REPORT_TO)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data preparation
+
+
+@dataclass
+class SourceSpec:
+    """One corpus: a hub dataset name, a local file / glob / folder (txt, jsonl, parquet), or ``python-stdlib``.
+
+    A txt file is one document. ``split`` names the hub split (``"train[:1000]"`` slicing works) or, for
+    ``python-stdlib``, one of ``train`` / ``search`` / ``test``; it is ignored for local files.
+    """
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    revision: str | None = None
+    max_documents: int | None = None
+
+    @classmethod
+    def from_config(cls, value: Any, where: str = "sources") -> SourceSpec:
+        """A SourceSpec from a YAML value: a string (the path) or a mapping of the fields above."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(path=value)
+        if not isinstance(value, dict):
+            raise LongRopeError(f"{where}: expected a path/name or a mapping with 'path', got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise LongRopeError(f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(sorted(known))}")
+        if not value.get("path"):
+            raise LongRopeError(
+                f"{where}: 'path' is required (a hub dataset name, a local file/glob/folder or {STDLIB_SOURCE})"
+            )
+        return cls(**value)
+
+
+@dataclass
+class DataArguments(DocumentChoiceArguments):
+    """Corpora and how they become model inputs (``data/prepare.py`` writes ``dataset_path``, train.py reads it)."""
 
     sources: list[SourceSpec] = field(
         default_factory=list,
@@ -104,10 +457,6 @@ class DataArguments:
     dataset_path: str | None = field(
         default=None,
         metadata={"help": "Folder of the prepared dataset: data/prepare.py writes it, train.py reads it."},
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Tokenizer folder or hub name (default: model_name_or_path). Needs BOS and EOS tokens."},
     )
     max_seq_len: int | None = field(
         default=None,
@@ -139,15 +488,10 @@ class DataArguments:
     min_doc_tokens: int = field(
         default=0, metadata={"help": "Drop documents shorter than this many tokens (e.g. the target length)."}
     )
-    num_documents: int | None = field(
-        default=None,
-        metadata={"help": "Keep this many documents (seeded random choice); an error when fewer qualify."},
-    )
     validation_fraction: float = field(
         default=0.0,
         metadata={"help": "Share of documents (by content hash, deterministic) held out as the validation split."},
     )
-    selection_seed: int = field(default=0, metadata={"help": "Seed of the num_documents choice."})
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Worker processes for tokenization and packing (datasets num_proc)."}
     )
@@ -160,12 +504,15 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.sources = [SourceSpec.from_config(s, where=f"sources[{i}]") for i, s in enumerate(self.sources or [])]
-        for key in ("max_seq_len", "num_documents", "dataset_num_proc"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise LongRopeError(f"{key}: {value!r} must be a positive integer or null")
-        if not isinstance(self.min_doc_tokens, int) or self.min_doc_tokens < 0:
+        for key in ("max_seq_len", "dataset_num_proc"):
+            require_positive_int(key, getattr(self, key), allow_none=True)
+        if (
+            isinstance(self.min_doc_tokens, bool)
+            or not isinstance(self.min_doc_tokens, int)
+            or self.min_doc_tokens < 0
+        ):
             raise LongRopeError(f"min_doc_tokens: {self.min_doc_tokens!r} must be an integer >= 0")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise LongRopeError(f"validation_fraction: {self.validation_fraction!r} must be in [0, 1)")
@@ -185,7 +532,7 @@ class DataArguments:
 
 
 @dataclass
-class PrepareArguments:
+class PrepareArguments(KeyGroup):
     """Keys only ``data/prepare.py`` reads."""
 
     write_byte_tokenizer: str | None = field(
@@ -196,7 +543,6 @@ class PrepareArguments:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parsing
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _first_line(error: BaseException) -> str:
@@ -205,7 +551,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _dataclass_keys(dataclass_types: Sequence[type]) -> set[str]:
-    return {f.name for cls in dataclass_types for f in dataclasses.fields(cls) if f.init}
+    return {f.name for cls in dataclass_types for f in fields(cls) if f.init}
 
 
 def _suggestion(key: str, known: set[str]) -> str:
@@ -213,7 +559,15 @@ def _suggestion(key: str, known: set[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def read_config_file(path: str | os.PathLike, dataclass_types: Sequence[type]) -> dict[str, Any]:
+def _unknown_key(key: str, known: set[str], renamed: Mapping[str, str], where: str) -> LongRopeError:
+    if key in renamed and renamed[key] in known:
+        return LongRopeError(f"{where}{key}: renamed to {renamed[key]}; use {renamed[key]}")
+    return LongRopeError(f"{where}unknown key '{key}'{_suggestion(key, known)}; remove it or fix it")
+
+
+def read_config_file(
+    path: str | os.PathLike, dataclass_types: Sequence[type], renamed: Mapping[str, str] = RENAMED_KEYS
+) -> dict[str, Any]:
     """The YAML mapping at ``path``, checked against the keys of ``dataclass_types`` (plus TRL's ``env``)."""
     import yaml
 
@@ -235,40 +589,56 @@ def read_config_file(path: str | os.PathLike, dataclass_types: Sequence[type]) -
     known = _dataclass_keys(dataclass_types) | {"env"}
     for key in config:
         if key not in known:
-            raise LongRopeError(f"{path}: unknown key '{key}'{_suggestion(str(key), known)}; remove it or fix it")
+            raise _unknown_key(str(key), known, renamed, f"{path}: ")
     return config
 
 
-def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+def _command_line_keys(argv: Sequence[str]) -> list[str]:
+    return [item[2:].split("=", 1)[0] for item in argv if item.startswith("--") and len(item) > 2]
+
+
+def _parser_type() -> type:
+    """TRL's TrlParser whose argparse errors become one LongRopeError line (argparse would print its whole usage,
+    one line per key, before the line that matters)."""
+    from trl import TrlParser
+
+    class OneLineParser(TrlParser):
+        def error(self, message: str) -> None:  # argparse's hook for every parsing error
+            if message.startswith("argument --"):
+                key, _, problem = message[len("argument --") :].partition(": ")
+                raise LongRopeError(f"{key.split('/')[0].strip()}: {problem}")
+            raise LongRopeError(f"command line: {message}")
+
+    return OneLineParser
+
+
+def parse_config(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, renamed: Mapping[str, str] = RENAMED_KEYS
+) -> tuple[Any, ...]:
     """Instances of ``dataclass_types`` from ``--config file.yaml`` plus command-line overrides (TRL's TrlParser).
 
-    Every problem (missing file, unknown key, bad value, failed cross-field check) becomes one LongRopeError line.
+    Every problem (missing file, unknown or renamed key, bad value, failed cross-field check) is one LongRopeError
+    line. ``renamed`` maps old key names to the new ones (an entry point with its own history adds to it).
     """
     import sys
-
-    from trl import TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
             raise LongRopeError("--config: give the path of a YAML config after it")
-        read_config_file(argv[index + 1], dataclass_types)
-    parser = TrlParser(dataclass_types)
+        read_config_file(argv[index + 1], dataclass_types, renamed)
+    known = _dataclass_keys(dataclass_types) | {"config"}
+    for key in _command_line_keys(argv):
+        if key not in known:
+            raise _unknown_key(key, known, renamed, "command line: ")
+    parser = _parser_type()(dataclass_types)
     try:
         return tuple(parser.parse_args_and_config(argv))
     except LongRopeError:
         raise
-    except ValueError as error:
-        message = _first_line(error)
-        if "not used by the HfArgumentParser" in message:
-            unknown = message.split(":", 1)[1].strip()
-            known = _dataclass_keys(dataclass_types)
-            first = unknown.strip("[]").split(",")[0].strip(" '\"").lstrip("-")
-            raise LongRopeError(
-                f"command line: unknown argument(s) {unknown}{_suggestion(first, known)}; check the spelling"
-            ) from None
-        raise LongRopeError(f"configuration: {message}") from None
+    except (ValueError, TypeError, argparse.ArgumentError) as error:
+        raise LongRopeError(f"configuration: {_first_line(error)}") from None
 
 
 def _yaml_safe(value: Any) -> Any:

@@ -14,11 +14,49 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longrope.errors import LongRopeError
-
 
 def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launched_world_size() -> int:
+    """Processes in this launch: the process group's size once it exists, else WORLD_SIZE (torchrun/accelerate)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+_cpu_deepspeed_state = False
+
+
+def init_cpu_deepspeed() -> None:
+    """Multi-process training on CPU: give Accelerate a gloo process group it counts. Call where train.py starts,
+    before its arguments are parsed (transformers' TrainingArguments sets up devices while it is parsed).
+
+    Without a GPU, Accelerate picks no backend for a DeepSpeed launch, so every rank believes it is the only process
+    (all write outputs, no data sharding). A PartialState built with backend gloo first, and reused by the training
+    arguments (``use_configured_state``), has the true world size; a run without DeepSpeed reuses its process group.
+    """
+    global _cpu_deepspeed_state
+    if torch.cuda.is_available() or not launched_distributed() or _cpu_deepspeed_state:
+        return
+    from accelerate import PartialState
+
+    previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        if previous is None:
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
+    _cpu_deepspeed_state = True
+
+
+def cpu_deepspeed_state_ready() -> bool:
+    """Whether :func:`init_cpu_deepspeed` created the gloo state the training arguments should reuse."""
+    return _cpu_deepspeed_state
 
 
 def init_distributed() -> None:
@@ -40,6 +78,8 @@ def shutdown_distributed() -> None:
     exit, where their teardown order is arbitrary and can abort a rank ("terminate called without an active
     exception") after the work is done. Collect them here, while every rank is alive.
     """
+    global _cpu_deepspeed_state
+    _cpu_deepspeed_state = False
     if not (dist.is_available() and dist.is_initialized()):
         return
     gc.collect()  # the Trainer/engine reference cycles that still hold ZeRO-3 parameters
@@ -130,20 +170,3 @@ def device_for_rank(gpus_per_process: int = 1) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() * gpus_per_process)
     return torch.device("cpu")
-
-
-def check_sequence_parallel_heads(config: Any, sp_size: int, key: str = "sp_size") -> None:
-    """DeepSpeed Ulysses splits attention heads over the sequence-parallel ranks: the query heads must divide evenly,
-    and the KV heads either divide evenly or are fewer and divide sp_size (then DeepSpeed replicates them)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if heads % sp_size:
-        raise LongRopeError(
-            f"{key}: {sp_size} does not divide the model's num_attention_heads ({heads}); use a divisor"
-        )
-    if kv_heads % sp_size and sp_size % kv_heads:
-        raise LongRopeError(
-            f"{key}: {sp_size} and the model's num_key_value_heads ({kv_heads}) must divide one another (DeepSpeed "
-            "Ulysses replicates KV heads only by a whole factor); use a divisor or a multiple of it"
-        )

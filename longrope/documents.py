@@ -1,4 +1,4 @@
-"""Long documents for search samples and evaluation: the keys both scripts share, and the one selection rule."""
+"""Long documents for search samples and evaluation: building them on first use, and the one selection rule."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +16,16 @@ from longrope.errors import LongRopeError
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
-@dataclass
-class DocumentsArguments:
-    """Where long documents come from (search.py samples, evaluate.py documents)."""
-
-    documents_path: str | None = field(
-        default=None,
-        metadata={"help": "Prepared documents (data/prepare.py with output_format documents), one row per document."},
-    )
-    documents_prepare_config: str | None = field(
-        default=None,
-        metadata={
-            "help": "Data config that builds documents_path (python -m data.prepare --config ...); run first when "
-            "documents_path does not exist yet, so one command works on a fresh clone."
-        },
-    )
-
-
 def ensure_prepared(path: str, prepare_config: str | None) -> None:
-    """Build ``path`` with ``data/prepare.py`` when it is missing and a prepare config is given (main rank only)."""
+    """Build ``path`` with ``data/prepare.py`` when it is missing and a prepare config is given (main rank only).
+
+    Only a missing, empty or earlier-prepared folder is (re)built: a folder of the user's is refused, never replaced.
+    """
+    from longrope.data import check_dataset_path
+
     if (Path(path) / "dataset_dict.json").is_file() or prepare_config is None:
         return
+    check_dataset_path(path, "documents_path")
     if distributed.is_main():
         if not Path(prepare_config).is_file():
             raise LongRopeError(f"documents_prepare_config: {prepare_config} does not exist")

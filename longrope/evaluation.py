@@ -1,10 +1,11 @@
 """Method comparisons for evaluate.py: RoPE methods x lengths on one model, with perplexity, passkey, needle
 perplexity and lm-evaluation-harness tasks, written as results.json, results.md and plot.png.
 
-A method is a baseline name (``none``, ``pi``, ``ntk``, ``dynamic_ntk``, ``yarn``), a factors file path (JSON or
-official CSV), or a mapping ``{name, method, factors_path, mscale, beta_fast, beta_slow}``. Baselines are set up for
-``target_length`` (default: the longest evaluated length); a length beyond what a method was set up for is evaluated
-with a warning, never refused.
+A method is a registered method name (:func:`longrope.rope.method_names`), a factors file path (JSON or official
+CSV), or a mapping of ``name`` plus the RoPE keys every script shares (``rope_method``, ``rope_factors_path``,
+``rope_mscale``, ``target_length``, ``yarn_beta_fast``, ``yarn_beta_slow``); the top-level RoPE keys are every
+entry's defaults. Computed methods are set up for ``target_length`` (default: the longest evaluated length); a length
+beyond what a method was set up for is evaluated with a warning, never refused.
 """
 
 from __future__ import annotations
@@ -17,37 +18,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from longrope import distributed, factors, rope
-from longrope.documents import DocumentsArguments, ensure_prepared, select_documents
+from longrope import distributed, rope, sequence_parallel
+from longrope.args import (
+    DocumentsArguments,
+    LossArguments,
+    OutputArguments,
+    RopeArguments,
+    SequenceParallelArguments,
+    TrackingArguments,
+    require_positive_int,
+)
+from longrope.documents import ensure_prepared, select_documents
 from longrope.errors import LongRopeError
-from longrope.io import atomic_save_figure, atomic_write_json, atomic_write_text, sha256_file
+from longrope.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from longrope.rope_config import ResolvedRope, resolve_rope
 
 logger = logging.getLogger(__name__)
-BASELINES = ("none", "pi", "ntk", "dynamic_ntk", "yarn")
 
 
 @dataclass
-class EvalArguments(DocumentsArguments):
-    """Keys only evaluate.py reads (the model keys are ModelArguments'; documents_path is DocumentsArguments')."""
+class EvalArguments(DocumentsArguments, SequenceParallelArguments, LossArguments, OutputArguments, TrackingArguments):
+    """Keys only evaluate.py reads; the model, tokenizer, RoPE (defaults of every method entry), documents,
+    sp_size, loss_chunk_size, output and tracking keys are the shared ones of :mod:`longrope.args`."""
 
-    methods: list[str] = field(
+    methods: list[Any] = field(
         default_factory=lambda: ["none", "pi", "ntk", "yarn"],
         metadata={
-            "help": "RoPE methods to compare: none, pi, ntk, dynamic_ntk, yarn, a factors file path, or (YAML) a "
-            "mapping {name, method, factors_path, mscale, beta_fast, beta_slow}."
+            "help": "RoPE methods to compare: a method name (longrope.rope.METHODS), a factors file path, or (YAML) a "
+            "mapping of name plus the RoPE keys {name, rope_method, rope_factors_path, rope_mscale, target_length, "
+            "yarn_beta_fast, yarn_beta_slow}. Top-level RoPE keys are the defaults of every entry."
         },
     )
     lengths: list[int] = field(default_factory=list, metadata={"help": "Evaluation lengths for perplexity."})
-    target_length: int | None = field(
-        default=None, metadata={"help": "Length the baselines are set up for (default: the longest length)."}
-    )
-    original_max_position_embeddings: int | None = field(
-        default=None, metadata={"help": "Pre-training window (default: the model config's)."}
-    )
-    num_documents: int | None = field(
-        default=None, metadata={"help": "Documents to evaluate (seeded choice among those long enough; default all)."}
-    )
-    document_seed: int = field(default=0, metadata={"help": "Seed of the num_documents choice."})
     ppl_mode: Literal["truncate", "sliding"] = field(
         default="truncate", metadata={"help": "truncate: first L tokens. sliding: windows of L, stride ppl_stride."}
     )
@@ -69,27 +71,14 @@ class EvalArguments(DocumentsArguments):
     lm_eval_limit: int | None = field(default=None, metadata={"help": "Examples per task (for smoke runs)."})
     lm_eval_include_path: str | None = field(default=None, metadata={"help": "Folder of custom lm-eval task YAMLs."})
     lm_eval_batch_size: int = field(default=1, metadata={"help": "lm-eval batch size."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Default: model_name_or_path."})
-    sequence_parallel_size: int = field(
-        default=1,
-        metadata={
-            "help": "Shard each sequence's forward over this many processes with DeepSpeed Ulysses (launch with "
-            "torchrun --nproc_per_node N); for lengths that do not fit on one device."
-        },
-    )
-    chunk_size: int = field(default=4096, metadata={"help": "Tokens per lm_head + loss chunk (memory-linear PPL)."})
-    output_dir: str = field(default="outputs/eval", metadata={"help": "Where results.json/.md and plot.png go."})
-    report_to: str = field(default="none", metadata={"help": "none or wandb (offline when no credentials exist)."})
-    run_name: str | None = field(default=None, metadata={"help": "W&B run name (default: output_dir's name)."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.methods:
-            raise LongRopeError(
-                "methods: give at least one method (none, pi, ntk, dynamic_ntk, yarn or a factors file)"
-            )
+            raise LongRopeError("methods: give at least one method (a method name, a factors file or a mapping)")
         for key in ("lengths", "passkey_lengths", "needle_lengths"):
             values = getattr(self, key)
-            if any(not isinstance(v, int) or v < 2 for v in values):
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in values):
                 raise LongRopeError(f"{key}: {values!r} must be token counts >= 2")
         if not (self.lengths or self.passkey_lengths or self.needle_lengths or self.lm_eval_tasks):
             raise LongRopeError(
@@ -104,18 +93,19 @@ class EvalArguments(DocumentsArguments):
                 f"lm_eval_num_fewshot: {len(self.lm_eval_num_fewshot)} values for {len(self.lm_eval_tasks)} tasks; "
                 "give one per task or none"
             )
-        if self.sequence_parallel_size > 1 and (self.passkey_lengths or self.lm_eval_tasks):
+        if self.sp_size > 1 and (self.passkey_lengths or self.lm_eval_tasks):
             raise LongRopeError(
-                "sequence_parallel_size: passkey decoding and lm-eval tasks run unsharded; evaluate them in a separate "
-                "run with sequence_parallel_size 1"
+                "sp_size: passkey decoding and lm-eval tasks run unsharded; evaluate them in a separate run with "
+                "sp_size 1"
             )
         if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths):
             raise LongRopeError(f"passkey_depths: {self.passkey_depths!r} must be fractions in [0, 1]")
-        for key in ("passkey_trials", "sequence_parallel_size", "chunk_size", "lm_eval_batch_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise LongRopeError(f"{key}: {getattr(self, key)!r} must be a positive integer")
-        if self.report_to not in ("none", "wandb"):
-            raise LongRopeError(f"report_to: {self.report_to!r} is not one of none, wandb")
+        for key in ("passkey_trials", "lm_eval_batch_size"):
+            require_positive_int(key, getattr(self, key))
+
+    @property
+    def all_lengths(self) -> list[int]:
+        return self.lengths + self.passkey_lengths + self.needle_lengths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,65 +115,44 @@ class EvalArguments(DocumentsArguments):
 @dataclass
 class MethodSpec:
     name: str
-    scaling: rope.RopeScaling
-    factors_path: str | None = None
-    factors_sha256: str | None = None
+    resolved: ResolvedRope
+
+    @property
+    def scaling(self) -> rope.RopeScaling:
+        return self.resolved.scaling
 
 
-def resolve_methods(args: EvalArguments, model_config: Any) -> list[MethodSpec]:
-    """Every method as a RopeScaling, before any evaluation starts (so a bad method fails fast)."""
-    geometry = rope.RopeGeometry.from_config(model_config, args.original_max_position_embeddings)
-    all_lengths = args.lengths + args.passkey_lengths + args.needle_lengths
-    target = args.target_length or max(all_lengths or [geometry.original_max_position_embeddings])
+def _method_entry(entry: Any, where: str) -> dict[str, Any]:
+    """A ``methods`` item as a mapping of ``name`` plus RoPE keys."""
+    if isinstance(entry, dict):
+        return dict(entry)
+    if not isinstance(entry, str):
+        raise LongRopeError(f"{where}: {entry!r} must be a method name, a factors file path or a mapping")
+    if entry.endswith((".json", ".csv")) or os.path.sep in entry:
+        return {"rope_factors_path": entry}
+    return {"rope_method": entry}
+
+
+def resolve_methods(args: EvalArguments, rope_args: RopeArguments, model_config: Any) -> list[MethodSpec]:
+    """Every method as a checked RopeScaling, before any evaluation starts (so a bad method fails fast)."""
+    geometry = rope.RopeGeometry.from_config(model_config, rope_args.original_max_position_embeddings)
+    default_target = max(args.all_lengths or [geometry.original_max_position_embeddings])
     specs: list[MethodSpec] = []
-    for index, entry in enumerate(args.methods):
-        entry = _as_mapping(entry, f"methods[{index}]")
-        path = entry.get("factors_path")
-        if path is not None:
-            loaded = factors.load_for_model(path, model_config, target_length=entry.get("target_length", target))
-            scaling = loaded.scaling
-            if "mscale" in entry:
-                value, policy = rope.resolve_mscale(
-                    entry["mscale"], scaling.scale, geometry.original_max_position_embeddings
-                )
-                scaling = rope.RopeScaling(**{**scaling.__dict__, "mscale": value, "mscale_policy": policy})
-            name = entry.get("name") or Path(path).parent.name or Path(path).stem
-            specs.append(MethodSpec(name, scaling, str(path), sha256_file(path)))
-            continue
-        method = rope.canonical_method(entry.get("method", ""))
-        options = {k: entry[k] for k in ("mscale", "beta_fast", "beta_slow") if k in entry}
-        if method == "none":
-            scaling = rope.none_scaling(geometry)
-        else:
-            if target <= geometry.original_max_position_embeddings:
-                raise LongRopeError(
-                    f"target_length: {target} is not beyond the original window {geometry.original_max_position_embeddings}"
-                    f"; method {method} needs target_length > original (set target_length)"
-                )
-            scaling = rope.build_scaling(method, geometry, target, **options)
-        specs.append(MethodSpec(entry.get("name") or method, scaling))
+    for index, item in enumerate(args.methods):
+        where = f"methods[{index}]"
+        entry = _method_entry(item, where)
+        name = entry.pop("name", None)
+        method_args = RopeArguments.from_mapping(entry, where, defaults=rope_args)
+        resolved = resolve_rope(method_args, model_config, default_target=default_target, where=f"{where}.")
+        if name is None:
+            path = method_args.rope_factors_path
+            name = (Path(path).parent.name or Path(path).stem) if path else method_args.method
+        specs.append(MethodSpec(str(name), resolved))
     names = [spec.name for spec in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise LongRopeError(f"methods: the name {duplicates[0]!r} is used twice; give each method a distinct name")
     return specs
-
-
-def _as_mapping(entry: Any, where: str) -> dict[str, Any]:
-    if isinstance(entry, dict):
-        unknown = set(entry) - {"name", "method", "factors_path", "mscale", "beta_fast", "beta_slow", "target_length"}
-        if unknown:
-            raise LongRopeError(
-                f"{where}: unknown key {sorted(unknown)[0]!r}; use name, method, factors_path, mscale, ..."
-            )
-        if "method" not in entry and "factors_path" not in entry:
-            raise LongRopeError(f"{where}: give method or factors_path")
-        return entry
-    if not isinstance(entry, str):
-        raise LongRopeError(f"{where}: {entry!r} must be a method name, a factors file path or a mapping")
-    if entry.endswith((".json", ".csv")) or os.path.sep in entry:
-        return {"factors_path": entry}
-    return {"method": entry}
 
 
 def length_warnings(spec: MethodSpec, lengths: list[int]) -> list[str]:
@@ -200,36 +169,12 @@ def length_warnings(spec: MethodSpec, lengths: list[int]) -> list[str]:
 # Running
 
 
-def setup_sequence_parallel(model: Any, size: int) -> Any:
-    """Register DeepSpeed Ulysses attention on ``model`` and return the sequence-parallel group (None when 1)."""
-    if size == 1:
-        return None
-    world = distributed.world_size()
-    if world != size:
-        raise LongRopeError(
-            f"sequence_parallel_size: {size} but {world} processes were launched; use torchrun --nproc_per_node {size}"
-        )
-    distributed.check_sequence_parallel_heads(model.config, size, "sequence_parallel_size")
-    import deepspeed
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-
-    deepspeed.init_distributed(dist_backend="nccl" if _on_gpu(model) else "gloo")
-    mpu = UlyssesSPAttentionHF.register_with_transformers(
-        model_name_or_path=model,
-        core_attn_implementation=model.config._attn_implementation,
-        sequence_parallel_size=size,
-        micro_batch_size=1,
-        seq_length_is_variable=True,
-    )
-    return mpu.get_sequence_parallel_group()
-
-
 def check_prompt_lengths(tokenizer: Any, args: EvalArguments) -> None:
     """Passkey and needle grids that cannot hold their prompts fail before any evaluation starts."""
-    from longrope import metrics
+    from longrope import needle, passkey
 
     if args.passkey_lengths:
-        minimum = metrics.passkey_min_length(tokenizer)
+        minimum = passkey.passkey_min_length(tokenizer)
         short = [length for length in args.passkey_lengths if length < minimum]
         if short:
             raise LongRopeError(
@@ -237,8 +182,8 @@ def check_prompt_lengths(tokenizer: Any, args: EvalArguments) -> None:
                 "this tokenizer; drop those lengths"
             )
     if args.needle_lengths:
-        key, value = metrics.needle_key_value(0, 0)
-        minimum = metrics.needle_overhead(tokenizer, key, value) + 1
+        key, value = needle.needle_key_value(0, 0)
+        minimum = needle.needle_overhead(tokenizer, key, value) + 1
         short = [length for length in args.needle_lengths if length < minimum]
         if short:
             raise LongRopeError(
@@ -247,16 +192,17 @@ def check_prompt_lengths(tokenizer: Any, args: EvalArguments) -> None:
             )
 
 
-def _on_gpu(model: Any) -> bool:
-    return next(model.parameters()).device.type == "cuda"
-
-
 def evaluate_methods(
-    model: Any, tokenizer: Any, args: EvalArguments, model_name: str | None = None, progress: bool = True
+    model: Any,
+    tokenizer: Any,
+    args: EvalArguments,
+    specs: list[MethodSpec],
+    model_name: str | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    from longrope import metrics
+    """Every method of ``specs`` (from :func:`resolve_methods`) installed in turn into ``model`` and evaluated."""
+    from longrope import needle, passkey, perplexity
 
-    specs = resolve_methods(args, model.config)
     documents, data_info = [], None
     longest = max(args.lengths + args.needle_lengths, default=0)
     if longest:
@@ -265,7 +211,7 @@ def evaluate_methods(
     check_prompt_lengths(tokenizer, args)
     if args.lm_eval_tasks:
         lm_eval_task_manager(args)
-    group = setup_sequence_parallel(model, args.sequence_parallel_size)
+    group = sequence_parallel.register_for_evaluation(model, args.sp_size, distributed.world_size())
     results: dict[str, Any] = {
         "model": model_name,
         "data": data_info,
@@ -273,7 +219,8 @@ def evaluate_methods(
             "ppl_mode": args.ppl_mode,
             "ppl_stride": args.ppl_stride,
             "add_bos": args.add_bos,
-            "sequence_parallel_size": args.sequence_parallel_size,
+            "sp_size": args.sp_size,
+            "loss_chunk_size": args.loss_chunk_size,
         },
         "lengths": args.lengths,
         "methods": [],
@@ -282,47 +229,47 @@ def evaluate_methods(
         rope.install(model, spec.scaling, sequence_parallel_group=group)
         entry: dict[str, Any] = {
             "name": spec.name,
-            "method": spec.scaling.method,
-            "factors_path": spec.factors_path,
-            "factors_sha256": spec.factors_sha256,
+            "rope_method": spec.scaling.method,
+            "rope_factors_path": spec.resolved.factors_path,
+            "rope_factors_sha256": spec.resolved.sha256,
             "max_position_embeddings": spec.scaling.max_position_embeddings,
             "mscale": spec.scaling.mscale,
             "start_tokens": spec.scaling.start_tokens,
-            "warnings": length_warnings(spec, args.lengths + args.passkey_lengths + args.needle_lengths),
+            "warnings": spec.resolved.notes + length_warnings(spec, args.all_lengths),
         }
         for warning in entry["warnings"]:
             if distributed.is_main():
                 logger.warning(warning)
         if args.lengths:
-            report = metrics.perplexity(
+            report = perplexity.perplexity(
                 model,
                 documents,
                 args.lengths,
                 mode=args.ppl_mode,
                 stride=args.ppl_stride,
                 add_bos=args.add_bos,
-                chunk_size=args.chunk_size,
+                loss_chunk_size=args.loss_chunk_size,
                 progress=progress,
                 sequence_parallel_group=group,
             )
             entry["perplexity"] = {str(k): v for k, v in report.ppl_by_length().items()}
             entry["perplexity_detail"] = report.to_dict()
         if args.needle_lengths:
-            needle = metrics.needle_perplexity(
+            needles = needle.needle_perplexity(
                 model,
                 tokenizer,
                 documents,
                 args.needle_lengths,
-                chunk_size=args.chunk_size,
+                loss_chunk_size=args.loss_chunk_size,
                 sequence_parallel_group=group,
             )
-            entry["needle_perplexity"] = {str(k): v for k, v in needle.ppl_by_length().items()}
+            entry["needle_perplexity"] = {str(k): v for k, v in needles.ppl_by_length().items()}
         if args.passkey_lengths:
-            passkey = metrics.passkey_retrieval(
+            keys = passkey.passkey_retrieval(
                 model, tokenizer, args.passkey_lengths, args.passkey_depths, trials=args.passkey_trials
             )
-            entry["passkey"] = passkey.to_dict()
-            entry["passkey_accuracy"] = {str(k): v for k, v in passkey.accuracy_by_length().items()}
+            entry["passkey"] = keys.to_dict()
+            entry["passkey_accuracy"] = {str(k): v for k, v in keys.accuracy_by_length().items()}
         if args.lm_eval_tasks:
             entry["lm_eval"] = run_lm_eval(model, tokenizer, args)
         results["methods"].append(entry)

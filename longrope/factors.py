@@ -32,16 +32,17 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from longrope.errors import LongRopeError
-from longrope.io import atomic_write_json, sha256_file
-from longrope.rope import RopeGeometry, RopeScaling, canonical_method
+from longrope.io import atomic_write_json, replace_directory, sha256_file, staging_directory
+from longrope.rope import RopeGeometry, RopeScaling, canonical_method, decreasing_steps
 
 FORMAT = "longrope-factors"
+# The factors file a model folder carries beside its config.json (exports, fine-tunes and their checkpoints).
+FACTORS_FILE_NAME = "longrope_factors.json"
 VERSION = 1
 REQUIRED_KEYS = (
     "method",
@@ -61,6 +62,7 @@ class FactorsFile:
     scaling: RopeScaling
     provenance: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def sha256(self) -> str | None:
@@ -135,7 +137,36 @@ def from_dict(payload: dict[str, Any], source: str = "<dict>") -> FactorsFile:
         )
     except LongRopeError as error:
         raise LongRopeError(f"{source}: {error}") from None
-    return FactorsFile(scaling, dict(payload.get("provenance") or {}))
+    return FactorsFile(scaling, dict(payload.get("provenance") or {}), warnings=order_warnings(scaling, source))
+
+
+def order_warnings(scaling: RopeScaling, source: str) -> list[str]:
+    """Refuse factor lists that run backwards; warn about local dips.
+
+    Every method (and LongRoPE's search space) interpolates the highest-frequency pair (index 0) least and the
+    lowest-frequency pair most. A list whose first factor is above its last was almost surely written in reverse
+    order; a few decreasing steps inside an otherwise rising list are legal but worth a look.
+    """
+    found = []
+    for name in ("long_factors", "short_factors"):
+        values = getattr(scaling, name)
+        if values is None or len(values) < 2:
+            continue
+        if values[0] > values[-1] * (1 + 1e-6):
+            raise LongRopeError(
+                f"{source}: {name} fall from {values[0]:g} (pair 0, the highest frequency) to {values[-1]:g} (pair "
+                f"{len(values) - 1}): factors run from the highest-frequency pair to the lowest, so the list looks "
+                "reversed; reverse it"
+            )
+        steps = decreasing_steps(values)
+        if steps:
+            i = steps[0]
+            more = f" (and {len(steps) - 1} more)" if len(steps) > 1 else ""
+            found.append(
+                f"{source}: {name}[{i}] = {values[i]:g} is below {name}[{i - 1}] = {values[i - 1]:g}{more}; LongRoPE "
+                "keeps factors non-decreasing from the highest-frequency pair, check the file"
+            )
+    return found
 
 
 def _is_number(value: Any) -> bool:
@@ -147,14 +178,20 @@ def save(path: str | os.PathLike, scaling: RopeScaling, provenance: dict[str, An
     atomic_write_json(path, to_dict(scaling, provenance))
 
 
-def load(path: str | os.PathLike, geometry: RopeGeometry | None = None, **csv_options: Any) -> FactorsFile:
-    """Load a factors JSON file, or an official-repo CSV (then ``geometry`` and ``target_length`` are needed)."""
+def load(
+    path: str | os.PathLike, geometry: RopeGeometry | None = None, key: str = "rope_factors_path", **csv_options: Any
+) -> FactorsFile:
+    """Load a factors JSON file, or an official-repo CSV (then ``geometry`` and ``target_length`` are needed).
+
+    ``key`` is the config key the path came from, named in every error.
+    """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise LongRopeError(f"factors file {path} does not exist: check rope_factors_path")
+    if not os.path.isfile(path):
+        what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        raise LongRopeError(f"{key}: {path} {what}; give a factors file (search.py's factors.json or an official CSV)")
     if path.endswith(".csv"):
         if geometry is None:
-            raise LongRopeError(f"{path}: reading an official CSV needs the model's RoPE geometry")
+            raise LongRopeError(f"{key}: {path}: reading an official CSV needs the model's RoPE geometry")
         loaded = read_official_csv(path, geometry, **csv_options)
     else:
         with open(path, encoding="utf-8") as handle:
@@ -186,7 +223,7 @@ def read_official_csv(
     """
     path = os.fspath(path)
     if target_length is None:
-        raise LongRopeError(f"{path}: the official CSV does not record the target length: set target_length")
+        raise LongRopeError(f"target_length: required with the official CSV {path}, which does not record it")
     rows: list[list[float]] = []
     with open(path, encoding="utf-8", newline="") as handle:
         for line_number, row in enumerate(csv.reader(handle), start=1):
@@ -224,7 +261,9 @@ def read_official_csv(
     from longrope.rope import longrope_scaling
 
     scaling = longrope_scaling(geometry, target_length, values, start_tokens=start_tokens, mscale=mscale)
-    return FactorsFile(scaling, {"source": f"official csv {os.path.basename(path)}"})
+    return FactorsFile(
+        scaling, {"source": f"official csv {os.path.basename(path)}"}, warnings=order_warnings(scaling, path)
+    )
 
 
 def write_official_csv(path: str | os.PathLike, scaling: RopeScaling) -> None:
@@ -307,33 +346,21 @@ def export_model(
         to_rope_parameters(scaling, allow_start_tokens)  # refuses unless allowed
         notes.append(start_token_loss_note(scaling))
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    staging = staging_directory(output_dir)
     original_config = model.config
     try:
         model.config = apply_to_config(original_config, scaling, allow_start_tokens)
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        save(staging / "longrope_factors.json", scaling, {**(provenance or {}), "export_notes": notes})
-        _replace_directory(staging, output_dir)
+        save(staging / FACTORS_FILE_NAME, scaling, {**(provenance or {}), "export_notes": notes})
+        replace_directory(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         model.config = original_config
     return notes
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    if target.exists():
-        retired = target.with_name(f".{target.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        os.replace(target, retired)
-        os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, target)
 
 
 def is_close(a: RopeScaling, b: RopeScaling, rel_tol: float = 1e-9) -> bool:
@@ -354,56 +381,71 @@ def is_close(a: RopeScaling, b: RopeScaling, rel_tol: float = 1e-9) -> bool:
     )
 
 
-def load_for_model(path: str | os.PathLike, config: Any, target_length: int | None = None) -> FactorsFile:
+def load_for_model(
+    path: str | os.PathLike,
+    config: Any,
+    target_length: int | None = None,
+    key: str = "rope_factors_path",
+    original_max_position_embeddings: int | None = None,
+) -> FactorsFile:
     """Load a factors file (JSON or official CSV) and check it fits a model's RoPE geometry."""
-    geometry = RopeGeometry.from_config(config)
-    loaded = load(path, geometry=geometry, target_length=target_length)
+    geometry = RopeGeometry.from_config(config, original_max_position_embeddings)
+    loaded = load(path, geometry=geometry, key=key, target_length=target_length)
     file_geometry = loaded.scaling.geometry
     if file_geometry.rotary_dim != geometry.rotary_dim or file_geometry.head_dim != geometry.head_dim:
         raise LongRopeError(
-            f"{path}: factors for head_dim {file_geometry.head_dim} (rotary_dim {file_geometry.rotary_dim}) but the "
-            f"model has head_dim {geometry.head_dim} (rotary_dim {geometry.rotary_dim}): use factors for this model"
+            f"{key}: {path} holds factors for head_dim {file_geometry.head_dim} (rotary_dim "
+            f"{file_geometry.rotary_dim}) but the model has head_dim {geometry.head_dim} (rotary_dim "
+            f"{geometry.rotary_dim}); use factors for this model"
         )
     return loaded
 
 
+def from_model_config(config: Any, geometry: RopeGeometry | None = None) -> RopeScaling | None:
+    """The LongRoPE factors a checkpoint's config carries (``rope_type: longrope``), or None.
+
+    The inverse of :func:`apply_to_config`: short factors equal to the long ones mean "no short set".
+    """
+    from longrope.rope import longrope_scaling
+
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if parameters.get("rope_type") != "longrope":
+        return None
+    geometry = geometry or RopeGeometry.from_config(config)
+    long_factors = parameters["long_factor"]
+    short = parameters.get("short_factor")
+    return longrope_scaling(
+        geometry,
+        config.max_position_embeddings,
+        long_factors,
+        None if short == long_factors else short,
+        mscale=parameters.get("attention_factor") or "su",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m longrope.factors export --model DIR --factors FILE --output DIR [--allow_start_tokens]``."""
+    """``python -m longrope.factors show FILE``: a factors file's settings and sha256."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m longrope.factors", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write a model directory that stock transformers loads")
-    export.add_argument("--model", required=True, help="model directory or hub name")
-    export.add_argument("--factors", required=True, help="factors JSON (or official CSV with --target_length)")
-    export.add_argument("--output", required=True, help="directory to write (replaced whole if it exists)")
-    export.add_argument("--target_length", type=int, default=None, help="target length, for an official CSV")
-    export.add_argument("--allow_start_tokens", action="store_true", help="drop n̂ > 0 (stock loaders ignore it)")
-    show = commands.add_parser("show", help="print a factors file's settings and its rope_parameters")
-    show.add_argument("--factors", required=True)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "show":
-            loaded = load(args.factors)
-            print(json.dumps({**to_dict(loaded.scaling, loaded.provenance), "sha256": loaded.sha256}, indent=2))
-            return 0
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from longrope.errors import exit_on_user_error
 
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-        loaded = load_for_model(args.factors, model.config, args.target_length)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError):
-            tokenizer = None
-        provenance = {**loaded.provenance, "factors_sha256": loaded.sha256, "exported_from": args.model}
-        notes = export_model(model, loaded.scaling, args.output, tokenizer, provenance, args.allow_start_tokens)
-    except LongRopeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    print(f"exported {args.output} (rope_type longrope, {loaded.scaling.max_position_embeddings} positions)")
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    with exit_on_user_error("python -m longrope.factors"):
+        if arguments[:1] == ["export"]:
+            raise LongRopeError(
+                "export: moved to python -m longrope.export --model_name_or_path DIR --rope_factors_path FILE "
+                "--output_dir DIR (the keys every script uses)"
+            )
+        parser = argparse.ArgumentParser(prog="python -m longrope.factors", description=main.__doc__)
+        commands = parser.add_subparsers(dest="command", required=True)
+        show = commands.add_parser("show", help="print a factors file's settings and sha256")
+        show.add_argument("rope_factors_path")
+        args = parser.parse_args(arguments)
+        loaded = load(args.rope_factors_path)
+        print(json.dumps({**to_dict(loaded.scaling, loaded.provenance), "sha256": loaded.sha256}, indent=2))
+        for warning in loaded.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -416,6 +458,7 @@ __all__ = [
     "apply_to_config",
     "export_model",
     "from_dict",
+    "from_model_config",
     "is_close",
     "load",
     "load_for_model",

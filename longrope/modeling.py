@@ -1,15 +1,24 @@
-"""Loading models and tokenizers the same way in every script (attention kernel, dtype, devices, no remote code)."""
+"""Building the model a run uses, one way for every entry point: load or initialise, RoPE, LoRA, memory options.
+
+:func:`prepare_model` is the only path from keys to a model object: train.py, its dry run and its memory estimate
+all call it (the estimate on the meta device, the dry run on a shrunk architecture), so what they report describes
+the model train.py trains. search.py and evaluate.py load through :func:`load_for_evaluation`. Every failure to
+find or read a model or tokenizer is one line naming the key.
+"""
 
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
-from longrope.args import ModelArguments
-from longrope.data import require_bos_eos
+from longrope.args import ExportArguments, ModelArguments
 from longrope.errors import LongRopeError
+
+# A hub repository id: "name" or "namespace/name", no path syntax.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_attn_implementation(requested: str) -> str:
@@ -29,20 +38,64 @@ def resolve_attn_implementation(requested: str) -> str:
     return requested
 
 
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id: path syntax, or a hub-shaped name whose first part is a local folder."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_ID.match(name):
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+def check_model_source(name: str, key: str, needs: str = "config.json") -> None:
+    """One-line errors for a model or tokenizer location that cannot be what ``key`` asks for, before transformers
+    answers with a hub error about a path that was meant to be local."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LongRopeError(f"{key}: {name} is a file; give the model folder that holds it")
+        if needs and not (path / needs).is_file():
+            raise LongRopeError(f"{key}: {name} is a folder but not a model folder (no {needs}); check the path")
+        return
+    if _looks_local(name):
+        raise LongRopeError(f"{key}: {name} does not exist; give a model folder (e.g. models/tiny) or a hub name")
+
+
+def _load_error(key: str, name: str, error: BaseException) -> LongRopeError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return LongRopeError(f"{key}: cannot load '{name}' ({first}); check the path or hub name")
+
+
 def load_tokenizer(name_or_path: str | None, key: str = "tokenizer_name_or_path") -> Any:
     from transformers import AutoTokenizer
 
+    from longrope.data import require_bos_eos
+
     if name_or_path is None:
         raise LongRopeError(f"{key}: required; e.g. models/tiny")
+    check_model_source(name_or_path, key, needs="")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
-        raise LongRopeError(f"{key}: cannot load '{name_or_path}' ({str(error).splitlines()[0]})") from None
+        raise _load_error(key, name_or_path, error) from None
     require_bos_eos(tokenizer, key)
     return tokenizer
 
 
-def _config_from_mapping(mapping: dict[str, Any], tokenizer: Any) -> Any:
+def load_config(model_args: ModelArguments) -> Any:
+    """The checkpoint's config alone (no weights), for every check that needs the architecture before loading."""
+    from transformers import AutoConfig
+
+    name = model_args.model_name_or_path
+    check_model_source(name, "model_name_or_path")
+    try:
+        return AutoConfig.from_pretrained(
+            name, trust_remote_code=model_args.trust_remote_code, **(model_args.config_overrides or {})
+        )
+    except (OSError, ValueError) as error:
+        raise _load_error("model_name_or_path", name, error) from None
+
+
+def config_from_mapping(mapping: dict[str, Any], tokenizer: Any) -> Any:
+    """A new model's config from ``model_config`` keys; vocab size and special tokens default to the tokenizer's."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -57,53 +110,94 @@ def _config_from_mapping(mapping: dict[str, Any], tokenizer: Any) -> Any:
     for key in values:
         if key not in known:
             raise LongRopeError(f"model_config.{key}: not a {config_class.__name__} key; fix or remove it")
-    values.setdefault("vocab_size", len(tokenizer))
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        values.setdefault(name, getattr(tokenizer, name))
+    if tokenizer is not None:
+        values.setdefault("vocab_size", len(tokenizer))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            values.setdefault(name, getattr(tokenizer, name))
     return AutoConfig.for_model(model_type, **values)
 
 
-def build_model(model_args: ModelArguments, tokenizer: Any = None, **load_kwargs: Any) -> Any:
-    """A new model from ``model_config`` or a loaded checkpoint, with the attention kernel and dtype resolved.
+def new_model_config(model_args: ModelArguments, tokenizer: Any = None) -> Any:
+    """The config of a model pretrained from scratch (``model_config``: a mapping or a config path)."""
+    from transformers import AutoConfig
+
+    if isinstance(model_args.model_config, dict):
+        return config_from_mapping(model_args.model_config, tokenizer)
+    if not Path(model_args.model_config).exists():
+        raise LongRopeError(f"model_config: '{model_args.model_config}' is neither a mapping nor an existing path")
+    return AutoConfig.from_pretrained(model_args.model_config)
+
+
+def build_model(model_args: ModelArguments, tokenizer: Any = None, config: Any = None, **load_kwargs: Any) -> Any:
+    """The model ``model_args`` describe: a loaded checkpoint, or a new one from ``model_config``; ``config`` builds a
+    new model from that config instead (a dry run's shrunk architecture, the estimate's meta model).
 
     ``load_kwargs`` go to ``from_pretrained`` (e.g. ``device_map``, ``max_memory``).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
-    if model_args.model_name_or_path is not None:
+    if config is None and model_args.model_name_or_path is not None:
+        name = model_args.model_name_or_path
+        check_model_source(name, "model_name_or_path")
         dtype = "auto" if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                model_args.model_name_or_path,
+                name,
                 dtype=dtype,
                 attn_implementation=attn_implementation,
                 trust_remote_code=model_args.trust_remote_code,
                 **(model_args.config_overrides or {}),
                 **load_kwargs,
             )
-        except OSError as error:
-            raise LongRopeError(
-                f"model_name_or_path: cannot load '{model_args.model_name_or_path}' ({str(error).splitlines()[0]})"
-            ) from None
+        except (OSError, ValueError) as error:
+            raise _load_error("model_name_or_path", name, error) from None
     else:
-        if model_args.model_config is None:
-            raise LongRopeError("model_name_or_path: required (a checkpoint folder or hub name), or set model_config")
-        if isinstance(model_args.model_config, dict):
-            config = _config_from_mapping(model_args.model_config, tokenizer)
-        else:
-            if not Path(model_args.model_config).exists():
+        if config is None:
+            if model_args.model_config is None:
                 raise LongRopeError(
-                    f"model_config: '{model_args.model_config}' is neither a mapping nor an existing path"
+                    "model_name_or_path: required (a checkpoint folder or hub name), or set model_config"
                 )
-            config = AutoConfig.from_pretrained(model_args.model_config)
+            config = new_model_config(model_args, tokenizer)
         dtype = torch.float32 if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     if tokenizer is not None and model.config.vocab_size < len(tokenizer):
         raise LongRopeError(
             f"model_config.vocab_size: {model.config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
         )
+    return model
+
+
+def prepare_model(
+    model_args: ModelArguments,
+    rope: Any = None,
+    options: Any = None,
+    export_args: ExportArguments | None = None,
+    *,
+    tokenizer: Any = None,
+    config: Any = None,
+) -> Any:
+    """The model a training run trains: built (:func:`build_model`), its RoPE installed (``rope``: a
+    ``ResolvedRope``; none keeps the checkpoint's own), then LoRA and TiledMLP from ``options`` (the training keys:
+    ``lora_*``, ``tiled_mlp``, ``tiled_mlp_shards``).
+
+    LoRA wraps the model with its RoPE installed, so the merged export keeps the rope config; TiledMLP wraps whatever
+    MLP results. Under ``torch.device("meta")`` with a ``config`` it builds no weights (the memory estimate).
+    """
+    from longrope.rope_config import install_rope
+
+    model = build_model(model_args, tokenizer, config=config)
+    if rope is not None and rope.method != "none":
+        install_rope(model, rope, allow_start_tokens=bool(export_args and export_args.allow_start_tokens))
+    if options is not None and getattr(options, "lora_r", 0):
+        from longrope.lora import apply_lora
+
+        model = apply_lora(model, options)
+    if options is not None and getattr(options, "tiled_mlp", False):
+        from longrope.memory_options import enable_tiled_mlp
+
+        enable_tiled_mlp(model, options.tiled_mlp_shards)
     return model
 
 

@@ -1,9 +1,10 @@
-"""RoPE rescaling methods and the one seam that installs them into a Hugging Face model.
+"""RoPE rescaling methods, their registry, and the one seam that installs them into a Hugging Face model.
 
 Vocabulary (used across the project):
 
 - **rescale factor** λ_i: one per RoPE frequency pair (``rotary_dim // 2`` of them). Pair ``i`` rotates with
-  frequency θ_i / λ_i, where θ_i = rope_theta^(-2i / rotary_dim). λ = 1 extrapolates, λ = s is PI.
+  frequency θ_i / λ_i, where θ_i is the model's own frequency (transformers' default ``inv_freq``,
+  rope_theta^(-2i / rotary_dim)). λ = 1 extrapolates, λ = s is PI.
 - **scale** s = target length / original (pre-training) length.
 - **start tokens** n̂: positions < n̂ keep the original, un-rescaled angles (LongRoPE, arXiv 2402.13753 Eq. 3).
   As in the official ``MixedLongRoPEScaledRotaryEmbedding``, those positions use the original cos/sin without mscale.
@@ -13,8 +14,16 @@ Vocabulary (used across the project):
   any) to the others. The choice is made per *sequence* from its global length (the largest position id + 1 over
   all sequence-parallel ranks), or forced with :func:`select_factors`; never from one rank's shard.
 
-The baselines (PI, NTK-aware, dynamic NTK, YaRN) are expressed as rescale factors derived from transformers' own
-``ROPE_INIT_FUNCTIONS``: λ_i = θ_i / θ'_i where θ' is what transformers computes for that method.
+**Methods are registered once** (:func:`register_method`): the registry is the only list of methods, and the entry
+points, the search seeds, config validation and the factors export all read it. The baselines (PI, NTK-aware,
+dynamic NTK, YaRN) are expressed as rescale factors derived from transformers' own ``ROPE_INIT_FUNCTIONS``:
+λ_i = θ_i / θ'_i where θ' is what transformers computes for that method, at full float64 precision.
+
+**Precision**: the installed module divides transformers' fp32 base frequencies by the factors and forms the angles
+position x frequency in float64 (an fp32 angle at position 2^21 is only good to about 0.12 rad), then returns cos and
+sin in the model's dtype. A baseline's frequencies are therefore exactly transformers' own, and its angles exact at
+any length. Stock transformers (an exported checkpoint) computes frequencies and angles in fp32: at position p its
+angles differ from these by up to about p x θ_0 x 6e-8 rad (6e-5 at 1k, 0.008 at 128k, 0.12 at 2M for θ_0 = 1).
 
 Typical use::
 
@@ -28,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -36,7 +45,6 @@ from torch import nn
 
 from longrope.errors import LongRopeError
 
-METHODS = ("none", "pi", "ntk", "dynamic_ntk", "yarn", "longrope")
 MSCALE_POLICIES = ("su", "yarn", "none")
 SELECTIONS = ("auto", "long", "short")
 
@@ -80,10 +88,10 @@ class RopeGeometry:
             raise LongRopeError(f"{type(config).__name__} has no rope_theta: this model does not use RoPE")
         return cls(float(theta), int(head_dim), rotary_dim, int(original))
 
-    def base_inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """θ_i in fp32, computed exactly as transformers computes its default RoPE."""
-        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device=device).float() / self.rotary_dim
-        return 1.0 / (self.rope_theta**exponent)
+    def base_inv_freq(self) -> torch.Tensor:
+        """θ_i exactly as transformers computes its default RoPE (fp32 values)."""
+        inv_freq, _ = _transformers_inv_freq(self, {"rope_type": "linear", "factor": 1.0}, 1)
+        return inv_freq
 
 
 @dataclass(frozen=True)
@@ -114,10 +122,19 @@ class RopeScaling:
             raise LongRopeError(f"start_tokens must be an integer >= 0, got {self.start_tokens!r}")
         if not (math.isfinite(self.mscale) and self.mscale > 0):
             raise LongRopeError(f"mscale must be a finite number > 0, got {self.mscale!r}")
+        original = self.geometry.original_max_position_embeddings
+        if self.max_position_embeddings < original:
+            raise LongRopeError(
+                f"max_position_embeddings {self.max_position_embeddings} is below the original window {original}: "
+                "rescale factors extend a model's window; give the target length (>= the original)"
+            )
 
     @property
     def scale(self) -> float:
         return self.max_position_embeddings / self.geometry.original_max_position_embeddings
+
+    def replace(self, **changes: Any) -> RopeScaling:
+        return RopeScaling(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
 
 
 def validate_factors(factors: Sequence[float], geometry: RopeGeometry, name: str = "factors") -> None:
@@ -131,8 +148,28 @@ def validate_factors(factors: Sequence[float], geometry: RopeGeometry, name: str
             raise LongRopeError(f"{name}[{index}] = {value!r}: every rescale factor must be a finite number > 0")
 
 
+def decreasing_steps(factors: Sequence[float], tolerance: float = 1e-6) -> list[int]:
+    """Indices i where factor i is below factor i - 1: every method here is non-decreasing from the highest
+    frequency pair (i = 0, interpolated least) to the lowest."""
+    return [i for i in range(1, len(factors)) if factors[i] < factors[i - 1] * (1 - tolerance)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # mscale
+
+
+def parse_mscale(value: Any, key: str = "rope_mscale") -> str | float:
+    """A config's mscale: a policy name or a constant > 0 (a numeric string becomes a number)."""
+    if isinstance(value, str):
+        if value in MSCALE_POLICIES:
+            return value
+        try:
+            value = float(value)
+        except ValueError:
+            raise LongRopeError(f"{key}: {value!r} is not a number or one of {', '.join(MSCALE_POLICIES)}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise LongRopeError(f"{key}: {value!r} must be a number > 0 or one of {', '.join(MSCALE_POLICIES)}")
+    return float(value)
 
 
 def resolve_mscale(
@@ -141,23 +178,13 @@ def resolve_mscale(
     """Return (value, policy name). ``None`` and ``"none"`` give 1.0; a number is a constant."""
     if policy is None or policy == "none":
         return 1.0, "none"
-    if isinstance(policy, str):
-        try:
-            constant = float(policy)
-        except ValueError:
-            constant = None
-        if constant is not None:
-            policy = constant
-    if isinstance(policy, (int, float)) and not isinstance(policy, bool):
-        if not (math.isfinite(policy) and policy > 0):
-            raise LongRopeError(f"mscale = {policy!r}: a constant mscale must be a finite number > 0")
-        return float(policy), "constant"
+    policy = parse_mscale(policy, key="mscale")
+    if isinstance(policy, float):
+        return policy, "constant"
     if policy == "su":
         value = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original_max_position_embeddings))
         return value, "su"
-    if policy == "yarn":
-        return (1.0 if scale <= 1 else 0.1 * math.log(scale) + 1.0), "yarn"
-    raise LongRopeError(f"mscale = {policy!r} is not known: use one of {', '.join(MSCALE_POLICIES)} or a number > 0")
+    return (1.0 if scale <= 1 else 0.1 * math.log(scale) + 1.0), "yarn"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,9 +192,11 @@ def resolve_mscale(
 
 
 def _check_target(geometry: RopeGeometry, target_length: int, method: str) -> None:
-    if not isinstance(target_length, int) or target_length <= geometry.original_max_position_embeddings:
+    if isinstance(target_length, bool) or not isinstance(target_length, int):
+        raise LongRopeError(f"target_length: {target_length!r} must be a number of tokens for method {method!r}")
+    if target_length <= geometry.original_max_position_embeddings:
         raise LongRopeError(
-            f"target_length = {target_length!r} must be larger than the original length "
+            f"target_length: {target_length} must be larger than the original window "
             f"{geometry.original_max_position_embeddings} for method {method!r} (scale = target / original > 1)"
         )
 
@@ -190,16 +219,15 @@ def _transformers_inv_freq(
     return inv_freq.float(), float(attention_factor)
 
 
-def _factors_from_inv_freq(geometry: RopeGeometry, inv_freq: torch.Tensor) -> tuple[float, ...]:
-    # transformers computes in fp32 (~6e-8 relative); keeping 6 significant digits removes that noise (PI's λ = s
-    # exactly) without moving any factor by more than fp32 itself does.
+def factors_from_inv_freq(geometry: RopeGeometry, inv_freq: torch.Tensor) -> tuple[float, ...]:
+    """λ_i = θ_i / θ'_i at full (float64) precision, so that θ_i / λ_i gives back transformers' θ'_i exactly."""
     ratios = geometry.base_inv_freq().double() / inv_freq.double()
-    return tuple(float(f"{value:.6g}") for value in ratios.tolist())
+    return tuple(ratios.tolist())
 
 
 def none_scaling(geometry: RopeGeometry, target_length: int | None = None, **_: Any) -> RopeScaling:
     """Plain RoPE (extrapolation): every factor 1."""
-    target = target_length or geometry.original_max_position_embeddings
+    target = max(target_length or 0, geometry.original_max_position_embeddings)
     return RopeScaling("none", geometry, target, (1.0,) * geometry.num_pairs)
 
 
@@ -212,7 +240,7 @@ def pi_scaling(geometry: RopeGeometry, target_length: int, mscale: str | float |
     )
     value, policy = resolve_mscale(mscale, scale, geometry.original_max_position_embeddings)
     return RopeScaling(
-        "pi", geometry, target_length, _factors_from_inv_freq(geometry, inv_freq), None, 0, value, policy
+        "pi", geometry, target_length, factors_from_inv_freq(geometry, inv_freq), None, 0, value, policy
     )
 
 
@@ -230,7 +258,7 @@ def ntk_scaling(
     )
     value, policy = resolve_mscale(mscale, scale, geometry.original_max_position_embeddings)
     return RopeScaling(
-        "ntk", geometry, target_length, _factors_from_inv_freq(geometry, inv_freq), None, 0, value, policy
+        "ntk", geometry, target_length, factors_from_inv_freq(geometry, inv_freq), None, 0, value, policy
     )
 
 
@@ -241,7 +269,7 @@ def dynamic_ntk_factors(geometry: RopeGeometry, scale: float, length: int) -> tu
     inv_freq, _unused = _transformers_inv_freq(
         geometry, {"rope_type": "dynamic", "factor": scale}, geometry.original_max_position_embeddings, length
     )
-    return _factors_from_inv_freq(geometry, inv_freq)
+    return factors_from_inv_freq(geometry, inv_freq)
 
 
 def dynamic_ntk_scaling(
@@ -255,25 +283,16 @@ def dynamic_ntk_scaling(
     _check_target(geometry, target_length, "dynamic_ntk")
     scale = target_length / geometry.original_max_position_embeddings
     value, policy = resolve_mscale(mscale, scale, geometry.original_max_position_embeddings)
-    return RopeScaling(
-        "dynamic_ntk",
-        geometry,
-        target_length,
-        dynamic_ntk_factors(geometry, scale, target_length),
-        None,
-        0,
-        value,
-        policy,
-        dynamic=True,
-    )
+    factors = dynamic_ntk_factors(geometry, scale, target_length)
+    return RopeScaling("dynamic_ntk", geometry, target_length, factors, None, 0, value, policy, dynamic=True)
 
 
 def yarn_scaling(
     geometry: RopeGeometry,
     target_length: int,
     mscale: str | float | None = "yarn",
-    beta_fast: float = 32.0,
-    beta_slow: float = 1.0,
+    yarn_beta_fast: float = 32.0,
+    yarn_beta_slow: float = 1.0,
     **_: Any,
 ) -> RopeScaling:
     """YaRN as transformers implements it (ramp linear over the pair index between the correction dims).
@@ -287,24 +306,18 @@ def yarn_scaling(
         {
             "rope_type": "yarn",
             "factor": scale,
-            "beta_fast": beta_fast,
-            "beta_slow": beta_slow,
+            "beta_fast": yarn_beta_fast,
+            "beta_slow": yarn_beta_slow,
             "original_max_position_embeddings": geometry.original_max_position_embeddings,
         },
         target_length,
     )
-    value, policy = resolve_mscale(mscale, scale, geometry.original_max_position_embeddings)
-    return RopeScaling(
-        "yarn",
-        geometry,
-        target_length,
-        _factors_from_inv_freq(geometry, inv_freq),
-        None,
-        0,
-        value,
-        policy,
-        options={"beta_fast": beta_fast, "beta_slow": beta_slow},
+    value, policy = resolve_mscale(
+        "yarn" if mscale is None else mscale, scale, geometry.original_max_position_embeddings
     )
+    options = {"yarn_beta_fast": yarn_beta_fast, "yarn_beta_slow": yarn_beta_slow}
+    factors = factors_from_inv_freq(geometry, inv_freq)
+    return RopeScaling("yarn", geometry, target_length, factors, None, 0, value, policy, options=options)
 
 
 def longrope_scaling(
@@ -319,7 +332,9 @@ def longrope_scaling(
     """LongRoPE: searched per-pair factors (long, optionally short), start tokens n̂ and an mscale policy."""
     _check_target(geometry, target_length, "longrope")
     scale = target_length / geometry.original_max_position_embeddings
-    value, policy = resolve_mscale(mscale, scale, geometry.original_max_position_embeddings)
+    value, policy = resolve_mscale(
+        "su" if mscale is None else mscale, scale, geometry.original_max_position_embeddings
+    )
     return RopeScaling(
         "longrope",
         geometry,
@@ -332,39 +347,121 @@ def longrope_scaling(
     )
 
 
-METHOD_FUNCTIONS: dict[str, Callable[..., RopeScaling]] = {
-    "none": none_scaling,
-    "pi": pi_scaling,
-    "ntk": ntk_scaling,
-    "dynamic_ntk": dynamic_ntk_scaling,
-    "yarn": yarn_scaling,
-    "longrope": longrope_scaling,
-}
-METHOD_ALIASES = {"linear": "pi", "dynamic": "dynamic_ntk", "ntk_aware": "ntk", "extrapolation": "none"}
+# ----------------------------------------------------------------------------------------------------------------
+# The registry: the only list of methods
 
 
-def canonical_method(method: str) -> str:
-    name = METHOD_ALIASES.get(method, method)
-    if name not in METHOD_FUNCTIONS:
-        raise LongRopeError(f"rope method {method!r} is not known: use one of {', '.join(METHODS)}")
-    return name
+@dataclass(frozen=True)
+class RopeMethod:
+    """A RoPE scaling method and what the entry points may do with it.
+
+    ``build(geometry, target_length, mscale=..., yarn_beta_fast=..., yarn_beta_slow=...)`` returns its RopeScaling
+    (a method ignores options it does not use). ``from_file``: the factors come from a factors file
+    (``rope_factors_path``), not from ``build``. ``fixed``: one factor set for every length, so a checkpoint config can
+    hold it and train.py can train with it (dynamic NTK recomputes per sequence). ``search_seed``: its factors seed
+    the first- and second-stage search. ``needs_target``: it is set up for a target length beyond the original window.
+    """
+
+    name: str
+    build: Callable[..., RopeScaling]
+    description: str
+    from_file: bool = False
+    fixed: bool = True
+    search_seed: bool = False
+    needs_target: bool = True
+    aliases: tuple[str, ...] = ()
 
 
-def build_scaling(
-    method: str, geometry: RopeGeometry, target_length: int | None = None, **options: Any
-) -> RopeScaling:
+_REGISTRY: dict[str, RopeMethod] = {}
+
+
+def register_method(entry: RopeMethod) -> RopeMethod:
+    """Add a method (its name and aliases must be new); every entry point accepts it from then on."""
+    taken = {name for known in _REGISTRY.values() for name in (known.name, *known.aliases)}
+    clash = sorted({entry.name, *entry.aliases} & taken)
+    if clash:
+        raise LongRopeError(f"rope method {clash[0]!r} is already registered; choose another name")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def unregister_method(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def methods_with(**flags: Any) -> tuple[str, ...]:
+    """Names of the registered methods whose attributes equal ``flags`` (e.g. ``search_seed=True``), in order."""
+    return tuple(m.name for m in _REGISTRY.values() if all(getattr(m, k) == v for k, v in flags.items()))
+
+
+def method(name: str, key: str = "rope_method") -> RopeMethod:
+    """The registered method called ``name`` (or one of its aliases); a one-line error naming ``key`` otherwise."""
+    for entry in _REGISTRY.values():
+        if name == entry.name or name in entry.aliases:
+            return entry
+    raise LongRopeError(f"{key}: {name!r} is not a RoPE method; use one of {', '.join(_REGISTRY)}")
+
+
+def canonical_method(name: str) -> str:
+    return method(name).name
+
+
+def build_scaling(name: str, geometry: RopeGeometry, target_length: int | None = None, **options: Any) -> RopeScaling:
     """Dispatch by method name: ``build_scaling("yarn", geometry, 2048, mscale="yarn")``."""
-    return METHOD_FUNCTIONS[canonical_method(method)](geometry, target_length=target_length, **options)
+    return method(name).build(geometry, target_length=target_length, **options)
+
+
+register_method(
+    RopeMethod("none", none_scaling, "plain RoPE, extrapolation", needs_target=False, aliases=("extrapolation",))
+)
+register_method(
+    RopeMethod("pi", pi_scaling, "position interpolation (transformers linear)", search_seed=True, aliases=("linear",))
+)
+register_method(
+    RopeMethod(
+        "ntk",
+        ntk_scaling,
+        "NTK-aware base change (transformers dynamic at factor 1)",
+        search_seed=True,
+        aliases=("ntk_aware",),
+    )
+)
+register_method(
+    RopeMethod(
+        "dynamic_ntk",
+        dynamic_ntk_scaling,
+        "NTK base from each sequence's length (transformers dynamic)",
+        fixed=False,
+        aliases=("dynamic",),
+    )
+)
+register_method(
+    RopeMethod(
+        "yarn", yarn_scaling, "YaRN ramp over the pair index, mscale yarn (transformers yarn)", search_seed=True
+    )
+)
+register_method(
+    RopeMethod("longrope", longrope_scaling, "searched per-pair factors from a factors file", from_file=True)
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The installed module
 
 
+def _angle_dtype(device: torch.device) -> torch.dtype:
+    # Apple's MPS has no float64; elsewhere the angles are formed in float64 (see the module docstring).
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class ScaledRotaryEmbedding(nn.Module):
     """Drop-in replacement for a transformers ``*RotaryEmbedding``: ``forward(x, position_ids) -> (cos, sin)``.
 
-    Frequencies live in plain fp32 tensors (not buffers), so ``model.to(torch.bfloat16)`` cannot round them.
+    Frequencies live in plain float64 tensors (not buffers), so ``model.to(torch.bfloat16)`` cannot round them.
     """
 
     def __init__(self, scaling: RopeScaling) -> None:
@@ -374,33 +471,26 @@ class ScaledRotaryEmbedding(nn.Module):
         self.set_scaling(scaling)
 
     def set_scaling(self, scaling: RopeScaling) -> None:
-        geometry = scaling.geometry
-        exponent = torch.arange(0, geometry.rotary_dim, 2, dtype=torch.int64).float() / geometry.rotary_dim
         self.scaling = scaling
-        self._base_powers = geometry.rope_theta**exponent
-        self._base_inv_freq = 1.0 / self._base_powers
+        self._base_inv_freq = scaling.geometry.base_inv_freq().double()
         self._long_inv_freq = self._inv_freq(scaling.long_factors)
         self._short_inv_freq = None if scaling.short_factors is None else self._inv_freq(scaling.short_factors)
         self._dynamic_cache: dict[int, torch.Tensor] = {}
         self._device_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def _inv_freq(self, factors: Sequence[float]) -> torch.Tensor:
-        # Same expression as transformers' longrope init, so an exported model reproduces these logits.
-        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * self._base_powers)
+        return self._base_inv_freq / torch.tensor(factors, dtype=torch.float64)
 
     def _on(self, name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         key = (name, device)
         if key not in self._device_cache:
-            self._device_cache[key] = tensor.to(device)
+            self._device_cache[key] = tensor.to(device=device, dtype=_angle_dtype(device))
         return self._device_cache[key]
 
     def sequence_lengths(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Global length of each sequence: largest position id + 1, maximised over the sequence-parallel group."""
         lengths = position_ids.amax(dim=-1) + 1
         group = self.sequence_parallel_group
-        if callable(group):
-            # A provider: the group may only exist once the trainer has set up sequence parallelism.
-            group = group()
         if group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             lengths = lengths.clone()
             torch.distributed.all_reduce(lengths, op=torch.distributed.ReduceOp.MAX, group=group)
@@ -420,7 +510,7 @@ class ScaledRotaryEmbedding(nn.Module):
         lengths = self.sequence_lengths(position_ids).tolist()
         if scaling.dynamic:
             rows = [self._dynamic_inv_freq(int(length)) for length in lengths]
-            return torch.stack(rows).to(device)
+            return torch.stack(rows).to(device=device, dtype=_angle_dtype(device))
         short_inv = self._on("short", self._short_inv_freq, device)
         is_long = torch.tensor(
             [length > scaling.geometry.original_max_position_embeddings for length in lengths], device=device
@@ -436,7 +526,7 @@ class ScaledRotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
         device = x.device
-        positions = position_ids.float()
+        positions = position_ids.to(_angle_dtype(device))
         with torch.autocast(device_type=device.type if device.type != "mps" else "cpu", enabled=False):
             inv_freq = self._row_inv_freq(position_ids, device)
             freqs = positions[..., None] * inv_freq[:, None, :]
@@ -447,7 +537,9 @@ class ScaledRotaryEmbedding(nn.Module):
                 is_start = (position_ids < start_tokens)[..., None]
                 original = positions[..., None] * self._on("base", self._base_inv_freq, device)
                 freqs = torch.where(is_start, original, freqs)
-                mscale = torch.where(is_start, 1.0, torch.tensor(self.scaling.mscale, device=device))
+                mscale = torch.where(
+                    is_start, 1.0, torch.tensor(self.scaling.mscale, device=device, dtype=freqs.dtype)
+                )
             emb = torch.cat((freqs, freqs), dim=-1)
             cos = emb.cos() * mscale
             sin = emb.sin() * mscale
@@ -498,8 +590,8 @@ def install(
     Calling it again on the same model swaps the factors inside the installed modules (no reload, no new modules,
     no stale state). ``selection`` forces the long or short factors (``"long"``/``"short"``) or chooses them per
     sequence from its global length (``"auto"``). ``sequence_parallel_group``: the process group whose ranks hold
-    shards of the same sequences, or a zero-argument callable returning it (or None) at forward time; sequence
-    lengths are maximised over it so every rank picks the same factors.
+    shards of the same sequences (see :func:`set_sequence_parallel_group` to set it once it exists); sequence lengths
+    are maximised over it so every rank picks the same factors.
     """
     if selection not in SELECTIONS:
         raise LongRopeError(f"selection = {selection!r} is not known: use one of {', '.join(SELECTIONS)}")
@@ -540,16 +632,26 @@ def _check_geometry_matches(model_geometry: RopeGeometry, geometry: RopeGeometry
         )
 
 
+def installed_modules(model: nn.Module) -> list[ScaledRotaryEmbedding]:
+    return [module for module in model.modules() if isinstance(module, ScaledRotaryEmbedding)]
+
+
+def _require_installed(model: nn.Module) -> list[ScaledRotaryEmbedding]:
+    modules = installed_modules(model)
+    if not modules:
+        raise LongRopeError("no LongRoPE module is installed in this model: call longrope.rope.install first")
+    return modules
+
+
 def select_factors(model: nn.Module, selection: str) -> None:
     """Force the long or short factor set on every installed module (``"auto"`` restores per-sequence choice)."""
     if selection not in SELECTIONS:
         raise LongRopeError(f"selection = {selection!r} is not known: use one of {', '.join(SELECTIONS)}")
-    modules = installed_modules(model)
-    if not modules:
-        raise LongRopeError("no LongRoPE module is installed in this model: call longrope.rope.install first")
-    for module in modules:
+    for module in _require_installed(model):
         module.selection = selection
 
 
-def installed_modules(model: nn.Module) -> list[ScaledRotaryEmbedding]:
-    return [module for module in model.modules() if isinstance(module, ScaledRotaryEmbedding)]
+def set_sequence_parallel_group(model: nn.Module, group: Any) -> None:
+    """Agree on long vs short factors over ``group`` (the ranks holding shards of the same sequences) from now on."""
+    for module in _require_installed(model):
+        module.sequence_parallel_group = group
