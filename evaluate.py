@@ -16,6 +16,9 @@ from longrope.args import ModelArguments, RopeArguments, parse_config
 from longrope.errors import LongRopeError, exit_on_user_error
 from longrope.evaluation import EvalArguments
 
+# The dataclasses behind this script's config keys (tests parse every shipped config with them).
+CONFIG_KEYS = (ModelArguments, RopeArguments, EvalArguments)
+
 
 def main(argv: list[str] | None = None) -> dict:
     import yaml
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     from longrope.modeling import load_config, load_for_evaluation, load_tokenizer
 
     with exit_on_user_error("evaluate.py"):
-        model_args, rope_args, eval_args = parse_config((ModelArguments, RopeArguments, EvalArguments), argv)
+        model_args, rope_args, eval_args = parse_config(CONFIG_KEYS, argv)
         if rope_args.rope_method is not None or rope_args.rope_factors_path is not None:
             raise LongRopeError(
                 "rope_method / rope_factors_path: evaluate.py compares the entries of `methods`; list them there"

@@ -17,6 +17,9 @@ from longrope.args import ModelArguments, RopeArguments, parse_config
 from longrope.errors import exit_on_user_error
 from longrope.search_stages import SearchArguments, check_rope_keys
 
+# The dataclasses behind this script's config keys (tests parse every shipped config with them).
+CONFIG_KEYS = (ModelArguments, RopeArguments, SearchArguments)
+
 
 def main(argv: list[str] | None = None) -> dict:
     from longrope import distributed
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     from longrope.searcher import run_search
 
     with exit_on_user_error("search.py"):
-        model_args, rope_args, search_args = parse_config((ModelArguments, RopeArguments, SearchArguments), argv)
+        model_args, rope_args, search_args = parse_config(CONFIG_KEYS, argv)
         check_rope_keys(rope_args)
         model_args.require_checkpoint("search.py")
         check_output_dir(search_args.output_dir)

@@ -51,22 +51,21 @@ from typing import Any
 from longrope.args import DataArguments, ExportArguments, ModelArguments, RopeArguments, parse_config
 from longrope.distributed import init_cpu_deepspeed, shutdown_distributed
 from longrope.errors import exit_on_user_error
+from longrope.train_args import LongRopeTrainingArguments
 
+# The dataclasses behind this script's config keys (tests parse every shipped config with them).
+CONFIG_KEYS = (ModelArguments, RopeArguments, ExportArguments, DataArguments, LongRopeTrainingArguments)
 logger = logging.getLogger("train")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (default: sys.argv) and train (or dry-run, or estimate); a mistake exits with one line."""
-    from longrope.train_args import LongRopeTrainingArguments
-
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         with exit_on_user_error("train.py"):
             # Multi-process CPU runs need their gloo state before the training arguments set up devices.
             init_cpu_deepspeed()
-            model_args, rope_args, export_args, data_args, training_args = parse_config(
-                (ModelArguments, RopeArguments, ExportArguments, DataArguments, LongRopeTrainingArguments), argv
-            )
+            model_args, rope_args, export_args, data_args, training_args = parse_config(CONFIG_KEYS, argv)
             if training_args.estimate_memory:
                 from longrope.memory_estimate import estimate_for_config
 

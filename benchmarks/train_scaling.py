@@ -64,7 +64,7 @@ import json, os, sys, time
 sys.path.insert(0, os.getcwd())
 import torch
 import train
-from longrope import training
+from longrope import throughput
 
 
 def status(key):
@@ -86,7 +86,7 @@ def optimizer_state_bytes(optimizer):
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-class Measured(training.ThroughputCallback):
+class Measured(throughput.ThroughputCallback):
     marks = {}
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -111,7 +111,7 @@ class Measured(training.ThroughputCallback):
         self.marks["end_optimizer_state"] = optimizer_state_bytes(kwargs["optimizer"])
 
 
-training.ThroughputCallback = Measured
+throughput.ThroughputCallback = Measured
 train.main(sys.argv[1:])
 with open(os.path.join(os.environ["REPORT_DIR"], os.environ["RANK"] + ".json"), "w") as handle:
     json.dump(Measured.marks, handle)
@@ -124,9 +124,9 @@ def build_world(root: Path, lengths: tuple[int, ...]) -> None:
     from datasets import Dataset, DatasetDict
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from longrope import data
+    from longrope.corpus import build_byte_tokenizer
 
-    tokenizer = data.build_byte_tokenizer()
+    tokenizer = build_byte_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=256,

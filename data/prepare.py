@@ -28,6 +28,8 @@ import sys
 from longrope.args import DataArguments, PrepareArguments, TokenizerArguments, parse_config, resolved_config
 from longrope.errors import LongRopeError, exit_on_user_error
 
+# The dataclasses behind this script's config keys (tests parse every shipped config with them).
+CONFIG_KEYS = (TokenizerArguments, DataArguments, PrepareArguments)
 logger = logging.getLogger("prepare")
 
 

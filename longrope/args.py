@@ -559,10 +559,16 @@ def _suggestion(key: str, known: set[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _unknown_key(key: str, known: set[str], renamed: Mapping[str, str], where: str) -> LongRopeError:
+def _unknown_key(
+    key: str, known: set[str], renamed: Mapping[str, str], where: str, flag: bool = False
+) -> LongRopeError:
+    dashes = "--" if flag else ""
     if key in renamed and renamed[key] in known:
-        return LongRopeError(f"{where}{key}: renamed to {renamed[key]}; use {renamed[key]}")
-    return LongRopeError(f"{where}unknown key '{key}'{_suggestion(key, known)}; remove it or fix it")
+        return LongRopeError(f"{where}{dashes}{key}: renamed to {dashes}{renamed[key]}; use {dashes}{renamed[key]}")
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+    hint = f" (did you mean '{dashes}{close[0]}'?)" if close else ""
+    what = "argument" if flag else "key"
+    return LongRopeError(f"{where}unknown {what} '{dashes}{key}'{hint}; remove it or fix it")
 
 
 def read_config_file(
@@ -630,8 +636,9 @@ def parse_config(
         read_config_file(argv[index + 1], dataclass_types, renamed)
     known = _dataclass_keys(dataclass_types) | {"config"}
     for key in _command_line_keys(argv):
-        if key not in known:
-            raise _unknown_key(key, known, renamed, "command line: ")
+        negated = key.startswith("no_") and key[3:] in known  # argparse's --no_<flag> for a default-true flag
+        if key not in known and not negated:
+            raise _unknown_key(key, known, renamed, "command line: ", flag=True)
     parser = _parser_type()(dataclass_types)
     try:
         return tuple(parser.parse_args_and_config(argv))

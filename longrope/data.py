@@ -182,7 +182,7 @@ def prepare_dataset(settings: DataArguments, tokenizer: Any) -> tuple[datasets.D
     tokenized = tokenize_documents(raw, tokenizer, num_proc=settings.dataset_num_proc)
     kept = filter_min_tokens(tokenized, settings.min_doc_tokens, num_proc=settings.dataset_num_proc)
     kept = select_documents(
-        kept, settings.num_documents, settings.min_doc_tokens, settings.selection_seed, where="the sources"
+        kept, settings.num_documents, settings.min_doc_tokens, settings.document_seed, where="the sources"
     )
     if settings.output_format == "documents":
         splits = {"documents": kept}

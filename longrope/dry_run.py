@@ -72,7 +72,7 @@ def dry_run(model_args: Any, rope_args: Any, export_args: Any, args: Any) -> dic
         "architecture": config.model_type,
         "num_attention_heads": config.num_attention_heads,
         "head_dim": config.head_dim,
-        "rope": resolved.method,
+        "rope": rope_args.method,
         "rope_factors_used": list(resolved.scaling.long_factors) if resolved.method != "none" else None,
         "notes": notes,
     }

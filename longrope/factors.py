@@ -412,6 +412,11 @@ def from_model_config(config: Any, geometry: RopeGeometry | None = None) -> Rope
     if parameters.get("rope_type") != "longrope":
         return None
     geometry = geometry or RopeGeometry.from_config(config)
+    if config.max_position_embeddings <= geometry.original_max_position_embeddings:
+        raise LongRopeError(
+            f"model config: rope_type longrope but max_position_embeddings {config.max_position_embeddings} is not "
+            f"beyond original_max_position_embeddings {geometry.original_max_position_embeddings}; fix the config"
+        )
     long_factors = parameters["long_factor"]
     short = parameters.get("short_factor")
     return longrope_scaling(

@@ -82,7 +82,7 @@ def _parameter_counts(model_args: Any, config: Any, args: Any) -> tuple[int, int
     return total, trainable, layer, embedding
 
 
-def estimate_memory(model_args: Any, config: Any, args: Any, seq_len: int, world_size: int) -> MemoryEstimate:
+def estimate_memory(config: Any, args: Any, seq_len: int, world_size: int, model_args: Any = None) -> MemoryEstimate:
     """Per-GPU memory of training ``config`` at ``seq_len`` on ``world_size`` GPUs, from the config alone.
 
     Model states: 16 bytes per trained parameter (bf16 weight and gradient, fp32 master weight and Adam moments; fp32
@@ -100,6 +100,10 @@ def estimate_memory(model_args: Any, config: Any, args: Any, seq_len: int, world
     offload_param = (zero.get("offload_param") or {}).get("device") == "cpu"
     half = getattr(args, "half_precision_requested", bool(args.bf16 or args.fp16))
     width = 2 if half else 4  # bytes of one weight or activation element
+    if model_args is None:
+        from longrope.args import ModelArguments
+
+        model_args = ModelArguments()
     total, trainable, layer_params, embedding_params = _parameter_counts(model_args, config, args)
     frozen = total - trainable
     shards = world_size if zero3 else 1
@@ -203,4 +207,4 @@ def estimate_for_config(model_args: Any, data_args: Any, rope_args: Any, args: A
     world_size = args.estimate_world_size or (launched_world_size() if "WORLD_SIZE" in os.environ else args.sp_size)
     if world_size % args.sp_size:
         raise LongRopeError(f"estimate_world_size: {world_size} is not a multiple of sp_size {args.sp_size}")
-    return estimate_memory(model_args, config, args, seq_len, world_size)
+    return estimate_memory(config, args, seq_len, world_size, model_args)

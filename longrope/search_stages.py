@@ -204,19 +204,20 @@ def plan_stage(args: SearchArguments, rope_args: RopeArguments, model_config: An
         "yarn_beta_fast": rope_args.yarn_beta_fast,
         "yarn_beta_slow": rope_args.yarn_beta_slow,
     }
+    # Computed factors carry float noise (PI's at a scale that is not a power of two differ in the last bits).
     seeds = {
-        name: Candidate(rope.build_scaling(name, geometry, target, **options).long_factors)
+        name: Candidate(monotone(rope.build_scaling(name, geometry, target, **options).long_factors))
         for name in rope.methods_with(search_seed=True)
     }
     if base is not None:
         name = "finetuned_stretched" if args.stage == "second" else "given"
-        seeds[name] = Candidate(stretch_factors(base.long_factors, base.scale, scale), base.start_tokens)
+        stretched = monotone(stretch_factors(base.long_factors, base.scale, scale))
+        seeds[name] = Candidate(stretched, base.start_tokens)
     elif args.stage == "second":
         raise LongRopeError(
             "rope_factors_path: the second stage starts from the fine-tuned model's factors; give its factors file "
             "(or a checkpoint whose config has rope_type longrope)"
         )
-    seeds = {name: dataclasses.replace(seed, factors=monotone(seed.factors)) for name, seed in seeds.items()}
     return StagePlan(geometry, scale, seeds, base, None, target, mscale)
 
 

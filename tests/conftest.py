@@ -26,8 +26,11 @@ _COMMON = dict(
 )
 
 
-def tiny_config(arch: str, rope_parameters: dict | None = None, max_position_embeddings: int | None = None):
-    """A tiny random config of ``arch``; ``rope_parameters`` merges into the default (theta 10000)."""
+def tiny_config(
+    arch: str = "llama", rope_parameters: dict | None = None, max_position_embeddings: int | None = None, **overrides
+):
+    """The one tiny-model factory of the test suite: a tiny config of ``arch`` (``overrides`` change any key, e.g.
+    the vocabulary of a tokenizer); ``rope_parameters`` merges into the default (theta 10000)."""
     import transformers
 
     rope = {"rope_type": "default", "rope_theta": 10000.0}
@@ -58,10 +61,11 @@ def tiny_config(arch: str, rope_parameters: dict | None = None, max_position_emb
         raise ValueError(arch)
     rope.update(rope_parameters or {})
     kwargs["rope_parameters"] = rope
+    kwargs.update(overrides)
     return cls(**kwargs)
 
 
-def tiny_model(arch: str, seed: int = 0, **config_kwargs):
+def tiny_model(arch: str = "llama", seed: int = 0, **config_kwargs):
     import transformers
 
     torch.manual_seed(seed)
@@ -78,3 +82,14 @@ BASELINE_ARCHITECTURES = [a for a in ARCHITECTURES if a != "phi3"]
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param
+
+
+def user_error(capsys, call, *args, **kwargs) -> str:
+    """Run an entry point's ``main`` that must refuse its input: exit status 2 and exactly one stderr line, returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        call(*args, **kwargs)
+    assert refused.value.code == 2, f"expected exit status 2, got {refused.value.code!r}"
+    lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, f"expected one error line, got {lines!r}"
+    return lines[0]

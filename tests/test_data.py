@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, user_error
 
-from longrope import data
+from longrope import args, corpus, data, packing, sources
 from longrope.args import DataArguments, parse_config
 from longrope.errors import LongRopeError
 
@@ -31,20 +32,20 @@ def _rows(packed: dict) -> tuple[list, list]:
 
 
 def test_document_bookend_packs_the_stream_and_drops_the_tail():
-    ids, positions = _rows(data.pack_documents(DOCS, 4, BOS, EOS, bookend="document"))
+    ids, positions = _rows(packing.pack_documents(DOCS, 4, BOS, EOS, bookend="document"))
     # stream: B 1 2 3 E B 4 5 E B 6 7 8 9 E  -> three full rows, "8 9 E" dropped
     assert ids == [[BOS, 1, 2, 3], [EOS, BOS, 4, 5], [EOS, BOS, 6, 7]]
     assert positions == [[0, 1, 2, 3]] * 3
 
 
 def test_document_bookend_positions_restart_at_every_document_and_segment():
-    ids, positions = _rows(data.pack_documents(DOCS, 4, BOS, EOS, bookend="document", position_ids="document"))
+    ids, positions = _rows(packing.pack_documents(DOCS, 4, BOS, EOS, bookend="document", position_ids="document"))
     assert ids == [[BOS, 1, 2, 3], [EOS, BOS, 4, 5], [EOS, BOS, 6, 7]]
     assert positions == [[0, 1, 2, 3], [0, 0, 1, 2], [0, 0, 1, 2]]
 
 
 def test_segment_bookend_wraps_every_segment_in_bos_and_eos():
-    ids, positions = _rows(data.pack_documents(DOCS, 5, BOS, EOS, bookend="segment"))
+    ids, positions = _rows(packing.pack_documents(DOCS, 5, BOS, EOS, bookend="segment"))
     # body stream: 1 2 3 E 4 5 E 6 7 8 9 E, cut into pieces of 3, each wrapped B ... E
     assert ids == [
         [BOS, 1, 2, 3, EOS],
@@ -56,33 +57,33 @@ def test_segment_bookend_wraps_every_segment_in_bos_and_eos():
 
 
 def test_segment_bookend_document_positions_keep_the_leading_bos_with_its_document():
-    _, positions = _rows(data.pack_documents(DOCS, 5, BOS, EOS, bookend="segment", position_ids="document"))
+    _, positions = _rows(packing.pack_documents(DOCS, 5, BOS, EOS, bookend="segment", position_ids="document"))
     assert positions == [[0, 1, 2, 3, 4], [0, 1, 0, 1, 2], [0, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
 def test_long_document_continues_across_segments():
     ids, positions = _rows(
-        data.pack_documents([list(range(1, 11))], 4, BOS, EOS, bookend="document", position_ids="document")
+        packing.pack_documents([list(range(1, 11))], 4, BOS, EOS, bookend="document", position_ids="document")
     )
     assert ids == [[BOS, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, EOS]]
     assert positions == [[0, 1, 2, 3]] * 3
 
 
 def test_empty_documents_are_skipped_and_short_input_gives_no_rows():
-    ids, _ = _rows(data.pack_documents([[], [1, 2], []], 4, BOS, EOS))
+    ids, _ = _rows(packing.pack_documents([[], [1, 2], []], 4, BOS, EOS))
     assert ids == [[BOS, 1, 2, EOS]]
-    packed = data.pack_documents([[1]], 8, BOS, EOS)
+    packed = packing.pack_documents([[1]], 8, BOS, EOS)
     assert packed["input_ids"].shape == (0, 8) and packed["position_ids"].shape == (0, 8)
 
 
 def test_segment_bookend_needs_room_for_both_ends():
     with pytest.raises(LongRopeError, match="max_seq_len"):
-        data.pack_documents(DOCS, 2, BOS, EOS, bookend="segment")
+        packing.pack_documents(DOCS, 2, BOS, EOS, bookend="segment")
 
 
 def test_position_ids_from_starts():
     starts = np.array([[False, False, True, False, True], [True, False, False, False, False]])
-    assert data.position_ids_from_starts(starts).tolist() == [[0, 1, 0, 1, 0], [0, 1, 2, 3, 4]]
+    assert packing.position_ids_from_starts(starts).tolist() == [[0, 1, 0, 1, 0], [0, 1, 2, 3, 4]]
 
 
 def test_filter_keeps_documents_of_at_least_n_tokens_in_order():
@@ -94,8 +95,8 @@ def test_pack_dataset_matches_the_list_function():
     import datasets
 
     tokenized = datasets.Dataset.from_dict({"input_ids": DOCS, "num_tokens": [len(d) for d in DOCS]})
-    packed = data.pack_dataset(tokenized, 5, BOS, EOS, bookend="segment", position_ids="document")
-    expected = data.pack_documents(DOCS, 5, BOS, EOS, bookend="segment", position_ids="document")
+    packed = packing.pack_dataset(tokenized, 5, BOS, EOS, bookend="segment", position_ids="document")
+    expected = packing.pack_documents(DOCS, 5, BOS, EOS, bookend="segment", position_ids="document")
     assert packed["input_ids"] == expected["input_ids"].tolist()
     assert packed["position_ids"] == expected["position_ids"].tolist()
 
@@ -113,18 +114,17 @@ def test_collator_emits_labels_and_position_ids_without_attention_mask():
 
 def test_document_position_ids_isolate_documents_in_the_model():
     """Restarting position ids make transformers mask attention across documents (LongRoPE2 short windows)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = tiny_config(
+        "llama",
         vocab_size=110,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=64,
         use_cache=False,
+        attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config).eval()
     first, second = [5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17]
@@ -132,7 +132,7 @@ def test_document_position_ids_isolate_documents_in_the_model():
         [
             {
                 k: v[0].tolist()
-                for k, v in data.pack_documents([first, second], 16, BOS, EOS, "document", "document").items()
+                for k, v in packing.pack_documents([first, second], 16, BOS, EOS, "document", "document").items()
             }
         ]
     )
@@ -174,24 +174,24 @@ def test_corpus_excludes_tests_site_packages_and_build_files(tmp_path):
         "notes.txt",
     ]
     root = _fake_stdlib(tmp_path / "lib", kept + dropped)
-    assert data.list_stdlib_files(root) == sorted(kept)
+    assert corpus.list_stdlib_files(root) == sorted(kept)
 
 
 def test_split_of_a_file_does_not_change_when_other_files_appear(tmp_path):
     root = _fake_stdlib(tmp_path / "lib", [f"mod{i}.py" for i in range(30)])
-    before = {d.path: d.split for d in data.stdlib_documents(root)}
+    before = {d.path: d.split for d in corpus.stdlib_documents(root)}
     _fake_stdlib(root, [f"new{i}.py" for i in range(30)] + ["pkg/extra.py"])
-    after = {d.path: d.split for d in data.stdlib_documents(root)}
+    after = {d.path: d.split for d in corpus.stdlib_documents(root)}
     assert {p: after[p] for p in before} == before
     assert len(after) == 61
 
 
 def test_corpus_builder_gives_the_same_splits_twice(tmp_path):
-    first = data.build_stdlib_corpus(tmp_path / "a", max_files=80, min_long_documents=0)
-    second = data.build_stdlib_corpus(tmp_path / "b", max_files=80, min_long_documents=0)
+    first = corpus.build_stdlib_corpus(tmp_path / "a", max_files=80, min_long_documents=0)
+    second = corpus.build_stdlib_corpus(tmp_path / "b", max_files=80, min_long_documents=0)
     assert first["fingerprint"] == second["fingerprint"]
     seen: dict[str, str] = {}
-    for split in data.STDLIB_SPLITS:
+    for split in corpus.STDLIB_SPLITS:
         text_a = (tmp_path / "a" / f"{split}.jsonl").read_bytes()
         assert text_a == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
         for line in text_a.decode().splitlines():
@@ -199,21 +199,21 @@ def test_corpus_builder_gives_the_same_splits_twice(tmp_path):
             assert path not in seen, f"{path} is in {seen.get(path)} and {split}"
             seen[path] = split
     assert len(seen) == first["documents"] == 80
-    assert set(seen.values()) == set(data.STDLIB_SPLITS)
+    assert set(seen.values()) == set(corpus.STDLIB_SPLITS)
 
 
 def test_full_corpus_long_document_quota_and_disjoint_splits():
-    documents = data.stdlib_documents()
+    documents = corpus.stdlib_documents()
     paths = [d.path for d in documents]
     assert len(paths) == len(set(paths)) > 500
     assert not any("/test/" in f"/{p}" or "/tests/" in f"/{p}" or p.startswith("site-packages") for p in paths)
-    summary = data.summarize_corpus(documents)
-    key = f"documents_ge_{data.LONG_DOCUMENT_TOKENS}_tokens"
+    summary = corpus.summarize_corpus(documents)
+    key = f"documents_ge_{corpus.LONG_DOCUMENT_TOKENS}_tokens"
     for split in ("search", "test"):
-        assert summary["splits"][split][key] >= data.MIN_LONG_DOCUMENTS_PER_EVAL_SPLIT
-    data.check_long_document_quota(summary)
+        assert summary["splits"][split][key] >= corpus.MIN_LONG_DOCUMENTS_PER_EVAL_SPLIT
+    corpus.check_long_document_quota(summary)
     with pytest.raises(LongRopeError, match=r"split 'search' has \d+ documents of >= 16384 tokens, 1000 needed"):
-        data.check_long_document_quota(summary, minimum=1000)
+        corpus.check_long_document_quota(summary, minimum=1000)
     # The training split keeps most of the text.
     assert summary["splits"]["train"]["bytes"] > 0.65 * summary["bytes"]
 
@@ -232,7 +232,7 @@ PINNED_FINGERPRINT = {"3.11.7": "ffe4c68074c99384e34d58ed9927b4143bbfdd84a1786fa
 
 
 def test_split_rule_is_pinned():
-    assert {key: data.assign_split(*key) for key in PINNED_SPLITS} == PINNED_SPLITS
+    assert {key: corpus.assign_split(*key) for key in PINNED_SPLITS} == PINNED_SPLITS
 
 
 def test_corpus_matches_the_recorded_fingerprint_on_the_recorded_python():
@@ -241,7 +241,7 @@ def test_corpus_matches_the_recorded_fingerprint_on_the_recorded_python():
     version = platform.python_version()
     if version not in PINNED_FINGERPRINT:
         pytest.skip(f"sizes and fingerprint are recorded for Python {sorted(PINNED_FINGERPRINT)}, not {version}")
-    summary = data.summarize_corpus(data.stdlib_documents())
+    summary = corpus.summarize_corpus(corpus.stdlib_documents())
     assert summary["fingerprint"] == PINNED_FINGERPRINT[version]
     assert (summary["documents"], summary["bytes"]) == (732, 12079736)
 
@@ -263,15 +263,15 @@ def test_local_txt_jsonl_parquet_folder_and_glob_sources(tmp_path):
     cache = str(tmp_path / "cache")
 
     def load(**spec):
-        return data.load_source(data.SourceSpec(**spec), cache_dir=cache)["text"]
+        return sources.load_source(args.SourceSpec(**spec), cache_dir=cache)["text"]
 
     assert load(path=str(tmp_path / "txt")) == texts  # a folder; each txt file is one document
     assert load(path=str(tmp_path / "txt" / "*.txt")) == texts
     assert load(path=str(tmp_path / "docs.jsonl"), text_field="body") == texts
     assert load(path=str(tmp_path / "docs.parquet")) == texts
     assert load(path=str(tmp_path / "docs.parquet"), max_documents=2) == texts[:2]
-    both = data.load_sources(
-        [data.SourceSpec(str(tmp_path / "docs.parquet")), data.SourceSpec(str(tmp_path / "txt"))], cache_dir=cache
+    both = sources.load_sources(
+        [args.SourceSpec(str(tmp_path / "docs.parquet")), args.SourceSpec(str(tmp_path / "txt"))], cache_dir=cache
     )
     assert both["text"] == texts + texts
 
@@ -290,10 +290,10 @@ def test_bad_sources_are_one_line_errors_naming_the_source(tmp_path):
     ]
     for path, expected in cases:
         with pytest.raises(LongRopeError) as error:
-            data.load_source(data.SourceSpec(path), cache_dir=str(tmp_path / "cache"))
+            sources.load_source(args.SourceSpec(path), cache_dir=str(tmp_path / "cache"))
         assert expected in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(LongRopeError, match="split 'validation' does not exist"):
-        data.load_source(data.SourceSpec(data.STDLIB_SOURCE, split="validation"))
+        sources.load_source(args.SourceSpec(corpus.STDLIB_SOURCE, split="validation"))
     with pytest.raises(LongRopeError, match=r"sources\[0\]: unknown key 'pth'"):
         DataArguments(sources=[{"pth": "x"}], max_seq_len=8)
 
@@ -305,7 +305,7 @@ def test_bad_sources_are_one_line_errors_naming_the_source(tmp_path):
 
 @pytest.fixture(scope="module")
 def byte_tokenizer():
-    return data.build_byte_tokenizer()
+    return corpus.build_byte_tokenizer()
 
 
 def _random_text(rng: random.Random, length: int) -> str:
@@ -356,7 +356,7 @@ def test_committed_tokenizer_loads_with_autotokenizer_and_matches_the_builder(by
 def text_folder(tmp_path):
     folder = tmp_path / "texts"
     folder.mkdir()
-    for document in data.stdlib_documents(max_files=30):
+    for document in corpus.stdlib_documents(max_files=30):
         (folder / (document.path.replace("/", "__") + ".txt")).write_text(document.text)
     return folder
 
@@ -441,7 +441,7 @@ def test_too_few_long_documents_says_found_and_needed(tmp_path, text_folder, byt
 
 
 def test_tokenizer_without_bos_or_eos_is_rejected(tmp_path, text_folder):
-    tokenizer = data.build_byte_tokenizer()
+    tokenizer = corpus.build_byte_tokenizer()
     tokenizer.bos_token = None
     with pytest.raises(LongRopeError, match="tokenizer_name_or_path: the tokenizer has no BOS token"):
         data.prepare_dataset(_args(tmp_path, text_folder), tokenizer)
@@ -463,7 +463,7 @@ def _load_prepare_script():
     return module
 
 
-def test_prepare_script_main_writes_dataset_and_summary(tmp_path, text_folder, byte_tokenizer):
+def test_prepare_script_main_writes_dataset_and_summary(tmp_path, text_folder, byte_tokenizer, capsys):
     prepare = _load_prepare_script()
     byte_tokenizer.save_pretrained(tmp_path / "tok")
     config = tmp_path / "data.yaml"
@@ -479,14 +479,12 @@ def test_prepare_script_main_writes_dataset_and_summary(tmp_path, text_folder, b
     assert len(data.load_prepared_dataset(tmp_path / "prepared")["train"][0]["input_ids"]) == 32
 
     config.write_text(config.read_text() + "max_seq_lne: 64\n")
-    with pytest.raises(SystemExit) as error:
-        prepare.main(["--config", str(config)])
-    assert "unknown key 'max_seq_lne' (did you mean 'max_seq_len'?)" in str(error.value)
-    assert "\n" not in str(error.value)
+    line = user_error(capsys, prepare.main, ["--config", str(config)])
+    assert "unknown key 'max_seq_lne' (did you mean 'max_seq_len'?)" in line
 
 
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in REPO.glob("configs/*/data*.yaml")))
 def test_every_shipped_data_config_parses(config, monkeypatch):
     monkeypatch.chdir(REPO)
-    (data_args,) = parse_config((DataArguments,), ["--config", config])
-    assert data_args.sources and data_args.dataset_path and data_args.tokenizer_name_or_path
+    tokenizer_args, data_args, _ = parse_config(_load_prepare_script().CONFIG_KEYS, ["--config", config])
+    assert data_args.sources and data_args.dataset_path and tokenizer_args.tokenizer_name_or_path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_config, user_error
 
 import evaluate
-from longrope import factors, rope
-from longrope.errors import LongRopeError
+from longrope import factors, perplexity, rope
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = 64
@@ -29,23 +30,22 @@ def world(tmp_path_factory):
     import datasets
     import transformers
 
-    from longrope.data import build_byte_tokenizer, save_dataset_atomically
+    from longrope.corpus import build_byte_tokenizer
+    from longrope.data import save_dataset_atomically
 
     root = tmp_path_factory.mktemp("eval_world")
     tokenizer = build_byte_tokenizer()
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    config = tiny_config(
+        "llama",
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=ORIGINAL,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="sdpa",
         # Large initial weights make attention sharp, so a missing context shows in the loss.
         initializer_range=0.3,
     )
@@ -82,7 +82,7 @@ def test_evaluate_writes_json_table_and_plot(world, tmp_path):
     searched = rope.longrope_scaling(geometry, 256, [1.0 + 0.2 * i for i in range(16)])
     path = tmp_path / "searched" / "factors.json"
     factors.save(path, searched, {"fitness": 1.0})
-    methods = ["none", "pi", "yarn", {"name": "searched", "factors_path": str(path)}]
+    methods = ["none", "pi", "yarn", {"name": "searched", "rope_factors_path": str(path)}]
     results = evaluate.main(["--config", str(write_config(world, tmp_path, methods=methods))])
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())
@@ -91,7 +91,7 @@ def test_evaluate_writes_json_table_and_plot(world, tmp_path):
     names = [entry["name"] for entry in saved["methods"]]
     assert names == ["none", "pi", "yarn", "searched"]
     searched_entry = saved["methods"][3]
-    assert searched_entry["factors_sha256"] == factors.load(path).sha256
+    assert searched_entry["rope_factors_sha256"] == factors.load(path).sha256
     for entry in saved["methods"]:
         assert set(entry["perplexity"]) == {"64", "128", "256"}
         assert all(math.isfinite(v) and v > 1 for v in entry["perplexity"].values())
@@ -168,13 +168,13 @@ def test_lm_eval_custom_task_on_the_patched_model(world, tmp_path, monkeypatch):
 @pytest.mark.distributed
 def test_sequence_parallel_perplexity_equals_single_process(world, tmp_path):
     single = evaluate.main(["--config", str(write_config(world, tmp_path / "one", methods=["yarn"], lengths=[256]))])
-    config = write_config(world, tmp_path / "two", methods=["yarn"], lengths=[256], sequence_parallel_size=2)
+    config = write_config(world, tmp_path / "two", methods=["yarn"], lengths=[256], sp_size=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "evaluate.py", "--config"]
     process = subprocess.run([*command, str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
     sharded = json.loads((tmp_path / "two" / "out" / "results.json").read_text())
-    assert sharded["protocol"]["sequence_parallel_size"] == 2
+    assert sharded["protocol"]["sp_size"] == 2
     expected = single["methods"][0]["perplexity"]["256"]
     assert sharded["methods"][0]["perplexity"]["256"] == pytest.approx(expected, rel=1e-4)
 
@@ -183,13 +183,12 @@ def test_sharding_without_sequence_parallel_attention_would_be_caught(world):
     """The 2-rank test above can fail: scoring the second half of a window without the first changes the loss."""
     import transformers
 
-    from longrope import metrics
     from longrope.documents import select_documents
 
     model = transformers.AutoModelForCausalLM.from_pretrained(world / "model").eval()
     document = select_documents(str(world / "docs"), 256, 1, 0)[0][0]
-    whole = metrics.sequence_nll(model, document, score_from=129)
-    second_half_alone = metrics.sequence_nll(model, document[128:], score_from=1)
+    whole = perplexity.sequence_nll(model, document, score_from=129)
+    second_half_alone = perplexity.sequence_nll(model, document[128:], score_from=1)
     assert abs(whole.nll_sum - second_half_alone.nll_sum) / whole.nll_sum > 1e-3
 
 
@@ -197,7 +196,7 @@ def test_sharding_without_sequence_parallel_attention_would_be_caught(world):
     ("overrides", "message"),
     [
         ({"lengths": [2000]}, r"0 documents have >= 2000 tokens, 3 needed \(longest: 1200\)"),
-        ({"methods": ["none", "su"]}, "rope method 'su' is not known: use one of none, pi"),
+        ({"methods": ["none", "su"]}, r"methods\[1\]\.rope_method: 'su' is not a RoPE method; use one of none, pi"),
         (
             {"lm_eval_tasks": ["no_such_task"], "lengths": [], "target_length": 256},
             "lm_eval_tasks: 'no_such_task' is not an lm-eval task",
@@ -206,26 +205,32 @@ def test_sharding_without_sequence_parallel_attention_would_be_caught(world):
             {"passkey_lengths": [100], "lengths": [], "target_length": 256},
             r"passkey_lengths: \[100\] cannot hold the passkey prompt",
         ),
-        ({"methods": ["pi"], "lengths": [64], "target_length": 64}, "target_length: 64 is not beyond the original"),
+        (
+            {"methods": ["pi"], "lengths": [64], "target_length": 64},
+            r"methods\[0\]\.target_length: 64 must be larger than the original window 64",
+        ),
         ({"ppl_mode": "sliding"}, "ppl_stride: required with ppl_mode sliding"),
-        ({"sequence_parallel_size": 2}, "sequence_parallel_size: 2 but 1 processes were launched"),
-        ({"sequence_parallel_size": 2, "passkey_lengths": [300]}, "passkey decoding and lm-eval tasks run unsharded"),
+        ({"sp_size": 2}, "sp_size: 2 but 1 processes were launched"),
+        ({"sp_size": 2, "passkey_lengths": [300]}, "passkey decoding and lm-eval tasks run unsharded"),
+        ({"sequence_parallel_size": 2}, "sequence_parallel_size: renamed to sp_size; use sp_size"),
+        (
+            {"methods": [{"name": "x", "factors_path": "f.json"}]},
+            r"methods\[0\]\.factors_path: renamed to rope_factors_path",
+        ),
+        ({"rope_method": "pi"}, "rope_method / rope_factors_path: evaluate.py compares the entries of `methods`"),
     ],
 )
-def test_bad_input_is_one_line(world, tmp_path, overrides, message):
-    with pytest.raises(LongRopeError, match=message) as info:
-        evaluate.main(["--config", str(write_config(world, tmp_path, **overrides))])
-    assert "\n" not in str(info.value)
+def test_bad_input_is_one_line(world, tmp_path, capsys, overrides, message):
+    line = user_error(capsys, evaluate.main, ["--config", str(write_config(world, tmp_path, **overrides))])
+    assert re.search(message, line), line
 
 
-def test_factors_for_another_head_dim_are_refused(world, tmp_path):
+def test_factors_for_another_head_dim_are_refused(world, tmp_path, capsys):
     wrong = rope.longrope_scaling(rope.RopeGeometry(10000.0, 64, 64, ORIGINAL), 256, [2.0] * 32)
     path = tmp_path / "wrong.json"
     factors.save(path, wrong)
-    with pytest.raises(
-        LongRopeError, match=r"factors for head_dim 64 \(rotary_dim 64\) but the model has head_dim 32"
-    ):
-        evaluate.main(["--config", str(write_config(world, tmp_path, methods=[str(path)]))])
+    line = user_error(capsys, evaluate.main, ["--config", str(write_config(world, tmp_path, methods=[str(path)]))])
+    assert re.search(r"factors for head_dim 64 \(rotary_dim 64\) but the model has head_dim 32", line), line
 
 
 def test_wandb_gets_the_table_and_plot(world, tmp_path, monkeypatch):

@@ -180,16 +180,28 @@ def test_factors_for_another_head_dim_are_refused(tmp_path):
 
 
 def test_export_command_line(tmp_path, capsys):
+    from longrope import export
+
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "base")
     path = tmp_path / "f.json"
     scaling = rope.longrope_scaling(rope.RopeGeometry.from_config(model.config), TARGET, [2.0] * 16, start_tokens=2)
     factors.save(path, scaling)
-    args = ["export", "--model", str(tmp_path / "base"), "--factors", str(path), "--output", str(tmp_path / "out")]
-    assert factors.main(args) == 2
+    args = [
+        "--model_name_or_path",
+        str(tmp_path / "base"),
+        "--rope_factors_path",
+        str(path),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    with pytest.raises(SystemExit) as refused:
+        export.main(args)
+    assert refused.value.code == 2
     assert "allow_start_tokens" in capsys.readouterr().err
-    assert factors.main([*args, "--allow_start_tokens"]) == 0
+    assert not (tmp_path / "out").exists()
+    export.main([*args, "--allow_start_tokens", "true"])
     stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert stock.config.max_position_embeddings == TARGET
-    assert factors.main(["show", "--factors", str(path)]) == 0
+    assert factors.main(["show", str(path)]) == 0
     assert '"start_tokens": 2' in capsys.readouterr().out

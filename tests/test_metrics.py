@@ -1,4 +1,4 @@
-"""Tests for longrope.metrics: chunked perplexity, sliding windows, BOS, passkey and needle perplexity.
+"""Tests for longrope.perplexity, longrope.passkey and longrope.needle: chunked perplexity, sliding windows, BOS, passkey and needle perplexity.
 
 Every reference below is computed in the test from the model's full logits (``model(...).logits``), i.e. the path
 the chunked scorer must reproduce without materialising them.
@@ -12,22 +12,11 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from longrope import metrics
+from longrope import needle, passkey, perplexity
 from longrope.errors import LongRopeError
 
 BYTE_VOCAB = 259  # 256 bytes + <s>, </s>, <pad>
@@ -36,12 +25,16 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 def _tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=BYTE_VOCAB, max_position_embeddings=4096, bos_token_id=256, eos_token_id=257, pad_token_id=258
+    config = tiny_config(
+        "llama",
+        vocab_size=BYTE_VOCAB,
+        max_position_embeddings=4096,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+        attn_implementation="sdpa",
+        **{**TINY, **overrides},
     )
-    for key, value in {**TINY, **overrides}.items():
-        setattr(config, key, value)
-    config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).eval()
 
 
@@ -66,7 +59,7 @@ def _merging_tokenizer() -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    corpus = [metrics.PASSKEY_INTRO, metrics.PASSKEY_FILLER * 20, metrics.PASSKEY_NEEDLE, metrics.PASSKEY_QUESTION]
+    corpus = [passkey.PASSKEY_INTRO, passkey.PASSKEY_FILLER * 20, passkey.PASSKEY_NEEDLE, passkey.PASSKEY_QUESTION]
     backend.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
 
@@ -103,31 +96,22 @@ def _reference_nll(model, ids: torch.Tensor, score_from: int) -> tuple[float, in
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 95, 96, 4096])
 def test_chunked_nll_equals_plain_loss(model, chunk_size):
     ids = _document(96, seed=1)
-    result = metrics.sequence_nll(model, ids, chunk_size=chunk_size)
+    result = perplexity.sequence_nll(model, ids, loss_chunk_size=chunk_size)
     with torch.no_grad():
         plain_loss = model(input_ids=ids.unsqueeze(0), labels=ids.unsqueeze(0)).loss.item()
     assert result.scored_tokens == 95
     assert result.ppl == pytest.approx(math.exp(plain_loss), rel=1e-5)
 
 
-ARCHITECTURES = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"use_sliding_window": False, "head_dim": 16}),
-    "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
-}
-
-
-@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_chunked_nll_equals_plain_loss_across_architectures(architecture):
-    config_class, model_class, extra = ARCHITECTURES[architecture]
     torch.manual_seed(0)
-    config = config_class(vocab_size=BYTE_VOCAB, max_position_embeddings=512, **TINY, **extra)
-    config._attn_implementation = "sdpa"
-    arch_model = model_class(config).eval()
+    config = tiny_config(
+        architecture, vocab_size=BYTE_VOCAB, max_position_embeddings=512, attn_implementation="sdpa", **TINY
+    )
+    arch_model = AutoModelForCausalLM.from_config(config).eval()
     ids = _document(80, seed=2)
-    result = metrics.sequence_nll(arch_model, ids, chunk_size=13)
+    result = perplexity.sequence_nll(arch_model, ids, loss_chunk_size=13)
     with torch.no_grad():
         plain_loss = arch_model(input_ids=ids.unsqueeze(0), labels=ids.unsqueeze(0)).loss.item()
     assert result.ppl == pytest.approx(math.exp(plain_loss), rel=1e-5)
@@ -135,7 +119,7 @@ def test_chunked_nll_equals_plain_loss_across_architectures(architecture):
 
 def test_sequence_nll_scores_only_from_score_from(model):
     ids = _document(64, seed=3)
-    result = metrics.sequence_nll(model, ids, 40, chunk_size=5)
+    result = perplexity.sequence_nll(model, ids, 40, loss_chunk_size=5)
     reference, count = _reference_nll(model, ids, 40)
     assert result.scored_tokens == count == 24
     assert result.nll_sum == pytest.approx(reference, rel=1e-5)
@@ -143,19 +127,19 @@ def test_sequence_nll_scores_only_from_score_from(model):
 
 def test_truncate_scores_the_first_length_tokens_only(model):
     document = _document(200, seed=4)
-    result = metrics.document_nll(model, document, 64, chunk_size=16)
+    result = perplexity.document_nll(model, document, 64, loss_chunk_size=16)
     reference, count = _reference_nll(model, document[:64], 1)
     assert (result.scored_tokens, result.windows) == (count, 1) == (63, 1)
     assert result.nll_sum == pytest.approx(reference, rel=1e-5)
     changed_tail = document.clone()
     changed_tail[64:] = (changed_tail[64:] + 1) % 256
-    assert metrics.document_nll(model, changed_tail, 64).nll_sum == pytest.approx(result.nll_sum, rel=1e-6)
+    assert perplexity.document_nll(model, changed_tail, 64).nll_sum == pytest.approx(result.nll_sum, rel=1e-6)
 
 
 def test_sliding_with_stride_equal_to_length_equals_truncate(model):
     document = _document(300, seed=5)
-    truncated = metrics.document_nll(model, document, 48, mode="truncate")
-    sliding = metrics.document_nll(model, document, 48, mode="sliding", stride=48, max_document_tokens=48)
+    truncated = perplexity.document_nll(model, document, 48, mode="truncate")
+    sliding = perplexity.document_nll(model, document, 48, mode="sliding", stride=48, max_document_tokens=48)
     assert sliding.scored_tokens == truncated.scored_tokens == 47
     assert sliding.nll_sum == pytest.approx(truncated.nll_sum, rel=1e-6)
 
@@ -165,7 +149,7 @@ def test_sliding_with_stride_equal_to_length_equals_truncate(model):
     [(100, 32, 8, False), (100, 32, 31, True), (97, 20, 7, False), (97, 20, 19, True), (50, 50, 5, False)],
 )
 def test_sliding_windows_score_every_token_exactly_once(num_tokens, length, stride, add_bos):
-    windows = metrics.plan_windows(num_tokens, length, stride, add_bos=add_bos)
+    windows = perplexity.plan_windows(num_tokens, length, stride, add_bos=add_bos)
     scored = [0] * num_tokens
     for window in windows:
         assert window.end - window.begin <= (length - 1 if add_bos else length)
@@ -178,7 +162,7 @@ def test_sliding_windows_score_every_token_exactly_once(num_tokens, length, stri
 
 
 def test_non_overlapping_windows_without_bos_skip_each_window_start():
-    windows = metrics.plan_windows(100, 25, 25)
+    windows = perplexity.plan_windows(100, 25, 25)
     assert [(w.begin, w.end, w.score_begin) for w in windows] == [
         (0, 25, 1),
         (25, 50, 26),
@@ -213,7 +197,9 @@ def _reference_sliding(model, document: torch.Tensor, length: int, stride: int, 
 def test_sliding_window_matches_full_logits_reference(model, stride, add_bos):
     document = _document(150, seed=6)
     bos = model.config.bos_token_id if add_bos else None
-    result = metrics.document_nll(model, document, 41, mode="sliding", stride=stride, add_bos=add_bos, chunk_size=9)
+    result = perplexity.document_nll(
+        model, document, 41, mode="sliding", stride=stride, add_bos=add_bos, loss_chunk_size=9
+    )
     reference, count = _reference_sliding(model, document, 41, stride, bos)
     assert result.scored_tokens == count == (150 if add_bos else 149)
     assert result.nll_sum == pytest.approx(reference, rel=1e-5)
@@ -235,7 +221,7 @@ def _record_backbone_inputs(model, monkeypatch) -> list[tuple[list[int], list[in
 def test_bos_option_prepends_bos_to_every_window_and_keeps_the_length(model, monkeypatch):
     document = _document(90, seed=7)
     seen = _record_backbone_inputs(model, monkeypatch)
-    metrics.document_nll(model, document, 30, mode="sliding", stride=20, add_bos=True, bos_token_id=258)
+    perplexity.document_nll(model, document, 30, mode="sliding", stride=20, add_bos=True, bos_token_id=258)
     assert len(seen) == 5
     for index, (input_ids, position_ids) in enumerate(seen):
         begin = index * 20
@@ -245,14 +231,14 @@ def test_bos_option_prepends_bos_to_every_window_and_keeps_the_length(model, mon
     assert len(seen[0][0]) == 30
 
     seen.clear()
-    metrics.document_nll(model, document, 30, mode="truncate")
+    perplexity.document_nll(model, document, 30, mode="truncate")
     assert seen[0][0] == document[:30].tolist()
 
 
 def test_bos_defaults_to_the_model_config_and_is_required(model):
     document = _document(40, seed=8)
-    explicit = metrics.document_nll(model, document, 32, add_bos=True, bos_token_id=model.config.bos_token_id)
-    from_config = metrics.document_nll(model, document, 32, add_bos=True)
+    explicit = perplexity.document_nll(model, document, 32, add_bos=True, bos_token_id=model.config.bos_token_id)
+    from_config = perplexity.document_nll(model, document, 32, add_bos=True)
     reference, count = _reference_nll(model, torch.cat([torch.tensor([256]), document[:31]]), 1)
     assert explicit.nll_sum == from_config.nll_sum == pytest.approx(reference, rel=1e-5)
     assert explicit.scored_tokens == count == 31
@@ -260,15 +246,15 @@ def test_bos_defaults_to_the_model_config_and_is_required(model):
     no_bos_model.config.bos_token_id = None
     no_bos_model.generation_config.bos_token_id = None
     with pytest.raises(LongRopeError, match="bos_token_id"):
-        metrics.document_nll(no_bos_model, document, 32, add_bos=True)
+        perplexity.document_nll(no_bos_model, document, 32, add_bos=True)
 
 
 def test_perplexity_report_is_token_weighted_and_per_document(model):
     documents = [_document(120, seed=9), _document(100, seed=10).tolist()]
-    report = metrics.perplexity(model, documents, [32, 64], mode="sliding", stride=16, chunk_size=10)
+    report = perplexity.perplexity(model, documents, [32, 64], mode="sliding", stride=16, loss_chunk_size=10)
     assert [entry.length for entry in report.per_length] == [32, 64]
     for entry in report.per_length:
-        singles = [metrics.document_nll(model, doc, entry.length, mode="sliding", stride=16) for doc in documents]
+        singles = [perplexity.document_nll(model, doc, entry.length, mode="sliding", stride=16) for doc in documents]
         assert [doc.scored_tokens for doc in entry.documents] == [119, 99]
         assert entry.nll_sum == pytest.approx(sum(doc.nll_sum for doc in singles), rel=1e-6)
         assert entry.ppl == pytest.approx(math.exp(entry.nll_sum / 218), rel=1e-9)
@@ -281,15 +267,15 @@ def test_perplexity_report_is_token_weighted_and_per_document(model):
 def test_perplexity_validates_everything_before_running(model, monkeypatch):
     seen = _record_backbone_inputs(model, monkeypatch)
     with pytest.raises(LongRopeError, match=r"documents\[1\]: 50 tokens.*length 64"):
-        metrics.perplexity(model, [_document(100, 1), _document(50, 2)], [32, 64])
+        perplexity.perplexity(model, [_document(100, 1), _document(50, 2)], [32, 64])
     with pytest.raises(LongRopeError, match="stride"):
-        metrics.perplexity(model, [_document(100, 1)], [32], mode="sliding", stride=33)
+        perplexity.perplexity(model, [_document(100, 1)], [32], mode="sliding", stride=33)
     with pytest.raises(LongRopeError, match="stride"):
-        metrics.perplexity(model, [_document(100, 1)], [32], mode="sliding")
+        perplexity.perplexity(model, [_document(100, 1)], [32], mode="sliding")
     with pytest.raises(LongRopeError, match="mode"):
-        metrics.perplexity(model, [_document(100, 1)], [32], mode="rolling")
+        perplexity.perplexity(model, [_document(100, 1)], [32], mode="rolling")
     with pytest.raises(LongRopeError, match="chunk_size"):
-        metrics.sequence_nll(model, _document(10, 1), chunk_size=0)
+        perplexity.sequence_nll(model, _document(10, 1), loss_chunk_size=0)
     assert seen == []
 
 
@@ -297,13 +283,13 @@ def test_non_finite_loss_is_reported_as_inf():
     broken = _tiny_llama()
     with torch.no_grad():
         broken.lm_head.weight[7] = float("nan")
-    result = metrics.document_nll(broken, _document(40, seed=11), 32)
+    result = perplexity.document_nll(broken, _document(40, seed=11), 32)
     assert result.nll_sum == math.inf and result.ppl == math.inf
-    report = metrics.perplexity(broken, [_document(40, seed=11)], [32])
+    report = perplexity.perplexity(broken, [_document(40, seed=11)], [32])
     assert report.per_length[0].ppl == math.inf
-    mixed = metrics.LengthPerplexity(length=32, documents=[metrics.DocumentNll(10.0, 5), result])
+    mixed = perplexity.LengthPerplexity(length=32, documents=[perplexity.DocumentNll(10.0, 5), result])
     assert mixed.ppl == math.inf and mixed.mean_document_ppl == math.inf
-    finite = metrics.LengthPerplexity(length=32, documents=[metrics.DocumentNll(10.0, 5)])
+    finite = perplexity.LengthPerplexity(length=32, documents=[perplexity.DocumentNll(10.0, 5)])
     assert finite.ppl == pytest.approx(math.exp(2.0))
 
 
@@ -311,7 +297,7 @@ def test_transformed_logits_are_refused():
     softcapped = _tiny_llama()
     softcapped.config.final_logit_softcapping = 30.0
     with pytest.raises(LongRopeError, match="final_logit_softcapping"):
-        metrics.sequence_nll(softcapped, _document(10, 1))
+        perplexity.sequence_nll(softcapped, _document(10, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,7 +306,7 @@ def test_transformed_logits_are_refused():
 
 
 def _longest_filler_word_tokens(tok) -> int:
-    return max(len(tok(" " + word, add_special_tokens=False)["input_ids"]) for word in metrics.PASSKEY_FILLER.split())
+    return max(len(tok(" " + word, add_special_tokens=False)["input_ids"]) for word in passkey.PASSKEY_FILLER.split())
 
 
 @pytest.mark.parametrize("tokenizer_kind", ["bytes", "bpe"])
@@ -328,30 +314,30 @@ def _longest_filler_word_tokens(tok) -> int:
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
 def test_passkey_prompt_fits_length_and_places_key_at_depth(tokenizer_kind, length, depth):
     tok = _byte_tokenizer() if tokenizer_kind == "bytes" else _merging_tokenizer()
-    prompt = metrics.build_passkey_prompt(tok, length, depth, 17865)
+    prompt = passkey.build_passkey_prompt(tok, length, depth, 17865)
     # Filler is added one word at a time, so the prompt is short by less than one word (+1 for a merge at the seam).
     tolerance = _longest_filler_word_tokens(tok) + 1
     assert length - tolerance <= len(prompt.input_ids) <= length
     assert prompt.input_ids[0] == tok.bos_token_id
     assert prompt.input_ids == [tok.bos_token_id] + tok(prompt.text, add_special_tokens=False)["input_ids"]
-    assert prompt.text.startswith(metrics.PASSKEY_INTRO)
-    assert prompt.text.endswith(metrics.PASSKEY_QUESTION)
-    needle = "The pass key is 17865. Remember it. 17865 is the pass key."
-    assert prompt.text.count(needle) == 1
-    needle_ids = tok(needle, add_special_tokens=False)["input_ids"]
+    assert prompt.text.startswith(passkey.PASSKEY_INTRO)
+    assert prompt.text.endswith(passkey.PASSKEY_QUESTION)
+    needle_line = "The pass key is 17865. Remember it. 17865 is the pass key."
+    assert prompt.text.count(needle_line) == 1
+    needle_ids = tok(needle_line, add_special_tokens=False)["input_ids"]
     assert prompt.input_ids[prompt.needle_position : prompt.needle_position + len(needle_ids)] == needle_ids
-    intro_tokens = 1 + len(tok(metrics.PASSKEY_INTRO + "\n", add_special_tokens=False)["input_ids"])
-    filler_tokens = len(prompt.input_ids) - metrics.passkey_min_length(tok, 17865)
+    intro_tokens = 1 + len(tok(passkey.PASSKEY_INTRO + "\n", add_special_tokens=False)["input_ids"])
+    filler_tokens = len(prompt.input_ids) - passkey.passkey_min_length(tok, 17865)
     filler_before = prompt.needle_position - intro_tokens
     assert filler_before / filler_tokens == pytest.approx(depth, abs=0.05)
 
 
 def test_parse_first_integer():
-    assert metrics.parse_first_integer(" 17865. Remember") == 17865
-    assert metrics.parse_first_integer("is 42 and 17") == 42
-    assert metrics.parse_first_integer("key: 007") == 7
-    assert metrics.parse_first_integer("no digits here") is None
-    assert metrics.parse_first_integer("\u0661\u0662 then 7") == 7  # only ASCII digits count
+    assert passkey.parse_first_integer(" 17865. Remember") == 17865
+    assert passkey.parse_first_integer("is 42 and 17") == 42
+    assert passkey.parse_first_integer("key: 007") == 7
+    assert passkey.parse_first_integer("no digits here") is None
+    assert passkey.parse_first_integer("\u0661\u0662 then 7") == 7  # only ASCII digits count
 
 
 def _fake_generate(tok, answer_for):
@@ -376,7 +362,7 @@ def _fake_generate(tok, answer_for):
 )
 def test_passkey_accuracy_with_stub_generation(model, tokenizer, monkeypatch, answer_for, expected):
     monkeypatch.setattr(model, "generate", _fake_generate(tokenizer, answer_for))
-    report = metrics.passkey_retrieval(model, tokenizer, [400, 800], [0.0, 0.5, 1.0], trials=3, seed=5)
+    report = passkey.passkey_retrieval(model, tokenizer, [400, 800], [0.0, 0.5, 1.0], trials=3, seed=5)
     assert len(report.cells) == 6 and all(len(cell.trials) == 3 for cell in report.cells)
     assert report.accuracy == expected
     assert all(cell.accuracy == expected for cell in report.cells)
@@ -387,32 +373,32 @@ def test_passkey_accuracy_with_stub_generation(model, tokenizer, monkeypatch, an
 
 def test_passkey_keys_are_seeded(model, tokenizer, monkeypatch):
     monkeypatch.setattr(model, "generate", _fake_generate(tokenizer, lambda key: f" {key}"))
-    first = metrics.passkey_retrieval(model, tokenizer, [400], [0.5], trials=4, seed=1)
-    again = metrics.passkey_retrieval(model, tokenizer, [400], [0.5], trials=4, seed=1)
-    other = metrics.passkey_retrieval(model, tokenizer, [400], [0.5], trials=4, seed=2)
+    first = passkey.passkey_retrieval(model, tokenizer, [400], [0.5], trials=4, seed=1)
+    again = passkey.passkey_retrieval(model, tokenizer, [400], [0.5], trials=4, seed=1)
+    other = passkey.passkey_retrieval(model, tokenizer, [400], [0.5], trials=4, seed=2)
     keys = [[trial.key for trial in report.cells[0].trials] for report in (first, again, other)]
     assert keys[0] == keys[1] != keys[2]
 
 
 def test_passkey_grid_too_small_raises_with_minimum(model, tokenizer, monkeypatch):
     monkeypatch.setattr(model, "generate", _fake_generate(tokenizer, lambda key: key))
-    minimum = metrics.passkey_min_length(tokenizer)
+    minimum = passkey.passkey_min_length(tokenizer)
     with pytest.raises(LongRopeError, match=rf"passkey length 100: .*at least {minimum}"):
-        metrics.passkey_retrieval(model, tokenizer, [1000, 100], [0.5], trials=1)
+        passkey.passkey_retrieval(model, tokenizer, [1000, 100], [0.5], trials=1)
     with pytest.raises(LongRopeError, match="depth"):
-        metrics.build_passkey_prompt(tokenizer, 1000, 1.5, 12345)
-    assert metrics.build_passkey_prompt(tokenizer, minimum, 0.5, 99999).filler_words == 0
+        passkey.build_passkey_prompt(tokenizer, 1000, 1.5, 12345)
+    assert passkey.build_passkey_prompt(tokenizer, minimum, 0.5, 99999).filler_words == 0
 
 
 def test_passkey_runs_real_greedy_generation(model, tokenizer):
-    report = metrics.passkey_retrieval(model, tokenizer, [320], [0.5], trials=2, max_new_tokens=4)
+    report = passkey.passkey_retrieval(model, tokenizer, [320], [0.5], trials=2, max_new_tokens=4)
     trials = report.cells[0].trials
     assert len(trials) == 2
     for trial in trials:
         assert 310 <= trial.prompt_tokens <= 320
-        assert trial.answer == metrics.parse_first_integer(trial.answer_text)
+        assert trial.answer == passkey.parse_first_integer(trial.answer_text)
     # Greedy decoding is deterministic: the same grid gives the same continuations.
-    again = metrics.passkey_retrieval(model, tokenizer, [320], [0.5], trials=2, max_new_tokens=4)
+    again = passkey.passkey_retrieval(model, tokenizer, [320], [0.5], trials=2, max_new_tokens=4)
     assert [t.answer_text for t in again.cells[0].trials] == [t.answer_text for t in trials]
 
 
@@ -423,13 +409,13 @@ def test_passkey_runs_real_greedy_generation(model, tokenizer):
 
 def test_needle_sample_layout(tokenizer):
     document = tokenizer(_text(400, seed=1), add_special_tokens=False)["input_ids"]
-    sample = metrics.build_needle_sample(tokenizer, document, 600, key="quiet-river", value=6716097)
+    sample = needle.build_needle_sample(tokenizer, document, 600, key="quiet-river", value=6716097)
     assert len(sample.input_ids) == 600
     assert sample.input_ids[0] == tokenizer.bos_token_id
     text = tokenizer.decode(sample.input_ids[1:])
-    needle = "One of the special magic numbers for quiet-river is: 6716097."
-    assert text.startswith(metrics.NEEDLE_INTRO + "\n" + needle + "\n")
-    question = metrics.NEEDLE_QUESTION.format(key="quiet-river")
+    needle_line = "One of the special magic numbers for quiet-river is: 6716097."
+    assert text.startswith(needle.NEEDLE_INTRO + "\n" + needle_line + "\n")
+    question = needle.NEEDLE_QUESTION.format(key="quiet-river")
     assert text.endswith("\n" + question + " 6716097")
     assert tokenizer.decode(sample.input_ids[sample.answer_start :]) == " 6716097"
     assert sample.answer_tokens == 8
@@ -441,15 +427,15 @@ def test_needle_sample_layout(tokenizer):
 def test_needle_answer_split_with_merging_tokenizer():
     tok = _merging_tokenizer()
     document = tok(_text(300, seed=2), add_special_tokens=False)["input_ids"]
-    sample = metrics.build_needle_sample(tok, document, 300, key="amber-kettle", value=1234567)
+    sample = needle.build_needle_sample(tok, document, 300, key="amber-kettle", value=1234567)
     assert len(sample.input_ids) == 300
     assert tok.decode(sample.input_ids[sample.answer_start :]).strip() == "1234567"
 
 
 def test_needle_nll_scores_exactly_the_answer_tokens(model, tokenizer):
     document = tokenizer(_text(300, seed=3), add_special_tokens=False)["input_ids"]
-    sample = metrics.build_needle_sample(tokenizer, document, 512, key="odd-violin", value=9081726)
-    result = metrics.needle_sample_nll(model, sample, chunk_size=3)
+    sample = needle.build_needle_sample(tokenizer, document, 512, key="odd-violin", value=9081726)
+    result = needle.needle_sample_nll(model, sample, loss_chunk_size=3)
     ids = torch.tensor(sample.input_ids)
     reference, count = _reference_nll(model, ids, sample.answer_start)
     assert result.scored_tokens == count == 8
@@ -458,29 +444,29 @@ def test_needle_nll_scores_exactly_the_answer_tokens(model, tokenizer):
 
 def test_needle_perplexity_report(model, tokenizer, monkeypatch):
     documents = [tokenizer(_text(300, seed=s), add_special_tokens=False)["input_ids"] for s in (4, 5)]
-    report = metrics.needle_perplexity(model, tokenizer, documents, [400, 640], seed=3, chunk_size=4)
-    assert report.samples == [metrics.needle_key_value(3, 0), metrics.needle_key_value(3, 1)]
+    report = needle.needle_perplexity(model, tokenizer, documents, [400, 640], seed=3, loss_chunk_size=4)
+    assert report.samples == [needle.needle_key_value(3, 0), needle.needle_key_value(3, 1)]
     assert report.samples[0] != report.samples[1]
     for entry in report.per_length:
         assert [doc.scored_tokens for doc in entry.documents] == [8, 8]
         key, value = report.samples[1]
-        sample = metrics.build_needle_sample(tokenizer, documents[1], entry.length, key=key, value=value)
-        assert entry.documents[1].nll_sum == pytest.approx(metrics.needle_sample_nll(model, sample).nll_sum, rel=1e-6)
+        sample = needle.build_needle_sample(tokenizer, documents[1], entry.length, key=key, value=value)
+        assert entry.documents[1].nll_sum == pytest.approx(needle.needle_sample_nll(model, sample).nll_sum, rel=1e-6)
         assert entry.ppl == pytest.approx(math.exp(entry.nll_sum / 16), rel=1e-9)
     seen = _record_backbone_inputs(model, monkeypatch)
     with pytest.raises(LongRopeError, match=r"needle length 50: .*use lengths >= "):
-        metrics.needle_perplexity(model, tokenizer, documents, [400, 50])
+        needle.needle_perplexity(model, tokenizer, documents, [400, 50])
     with pytest.raises(LongRopeError, match=r"documents\[1\]: .*shorter"):
-        metrics.needle_perplexity(model, tokenizer, [documents[0] * 4, documents[1]], [3000])
+        needle.needle_perplexity(model, tokenizer, [documents[0] * 4, documents[1]], [3000])
     assert seen == []
 
 
 def test_long_passkey_prompt_needs_few_tokenizations(monkeypatch):
     tok = _merging_tokenizer()
     calls = []
-    encode = metrics._encode
-    monkeypatch.setattr(metrics, "_encode", lambda t, text: calls.append(len(text)) or encode(t, text))
-    prompt = metrics.build_passkey_prompt(tok, 20000, 0.5, 24680)
+    encode = passkey.encode
+    monkeypatch.setattr(passkey, "encode", lambda t, text: calls.append(len(text)) or encode(t, text))
+    prompt = passkey.build_passkey_prompt(tok, 20000, 0.5, 24680)
     assert 20000 - _longest_filler_word_tokens(tok) - 1 <= len(prompt.input_ids) <= 20000
     # A linear estimate plus a bracketed bisection, not a bisection over [0, length].
     assert len(calls) <= 30

@@ -44,9 +44,11 @@ def test_identity_factors_leave_the_model_unchanged(arch):
     geometry = rope.RopeGeometry.from_config(model.config)
     scaling = rope.longrope_scaling(geometry, TARGET, [1.0] * geometry.num_pairs, mscale=1.0)
     rope.install(model, scaling)
-    assert torch.equal(logits(model, 3 * ORIGINAL_LENGTH), before)
+    identity = logits(model, 3 * ORIGINAL_LENGTH)
+    # The installed angles are float64 (stock: fp32, off by ~1e-5 rad at these positions), so equal up to that.
+    torch.testing.assert_close(identity, before, atol=1e-5, rtol=0)
     rope.install(model, rope.none_scaling(geometry))
-    assert torch.equal(logits(model, 3 * ORIGINAL_LENGTH), before)
+    assert torch.equal(logits(model, 3 * ORIGINAL_LENGTH), identity)
 
 
 @pytest.mark.parametrize("length", [ORIGINAL_LENGTH // 2, ORIGINAL_LENGTH, 3 * ORIGINAL_LENGTH])
@@ -204,7 +206,7 @@ def test_precision_stays_fp32_after_casting_the_model():
     model.to(torch.bfloat16)
     cos, _ = module(torch.zeros(1, dtype=torch.bfloat16), torch.arange(TARGET)[None])
     assert cos.dtype == torch.bfloat16
-    # Only the final cast rounds: the angles themselves were computed in fp32.
+    # Only the final cast rounds: the angles themselves were computed in float64.
     torch.testing.assert_close(cos.float(), reference, atol=8e-3, rtol=0)
 
 
@@ -215,8 +217,8 @@ def _sharded_worker(rank: int, world_size: int, port: int, results):
     geometry = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
     scaling = rope.longrope_scaling(geometry, TARGET, [4.0] * 16, [1.0] * 16, mscale="su")
     module = rope.ScaledRotaryEmbedding(scaling)
-    # A provider, as train.py passes it: the trainer creates the sequence-parallel group only after install.
-    module.sequence_parallel_group = lambda: torch.distributed.group.WORLD
+    # As the Trainer sets it once the group exists (rope.set_sequence_parallel_group).
+    module.sequence_parallel_group = torch.distributed.group.WORLD
     # A sequence of 1.5x the original window split in two shards: rank 0 alone would look "short".
     full = torch.arange(ORIGINAL_LENGTH * 3 // 2)[None]
     shard = full.chunk(world_size, dim=-1)[rank]
@@ -245,6 +247,79 @@ def test_sequence_parallel_shards_choose_the_same_factors():
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Exact angles at the paper's lengths (LLaMA2-7B's RoPE: theta 1e4, head_dim 128, 4k window, extended to 2048k)
+
+PAPER_GEOMETRY = rope.RopeGeometry(10000.0, 128, 128, 4096)
+PAPER_TARGET = 2048 * 1024
+PAPER_POSITIONS = [2047, 128 * 1024 - 1, PAPER_TARGET - 1]
+
+
+def transformers_inv_freq(method: str, sequence_length: int) -> torch.Tensor:
+    """transformers' own fp32 frequencies for ``method`` (float64 copies of them), from ROPE_INIT_FUNCTIONS."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    original, scale = PAPER_GEOMETRY.original_max_position_embeddings, PAPER_TARGET / 4096
+    parameters, max_positions, seq_len = {
+        "none": ({"rope_type": "linear", "factor": 1.0}, original, None),
+        "pi": ({"rope_type": "linear", "factor": scale}, original, None),
+        "ntk": ({"rope_type": "dynamic", "factor": 1.0}, original, PAPER_TARGET),
+        "dynamic_ntk": ({"rope_type": "dynamic", "factor": scale}, original, sequence_length),
+        "yarn": (
+            {"rope_type": "yarn", "factor": scale, "beta_fast": 32.0, "beta_slow": 1.0,
+             "original_max_position_embeddings": original},
+            PAPER_TARGET,
+            None,
+        ),
+    }[method]  # fmt: skip
+    config = transformers.LlamaConfig(
+        hidden_size=128,
+        num_attention_heads=1,
+        head_dim=128,
+        max_position_embeddings=max_positions,
+        rope_parameters={"rope_theta": 10000.0, **parameters},
+    )
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[parameters["rope_type"]](config, "cpu", seq_len=seq_len)
+    return inv_freq.double()
+
+
+def reference_cos(inv_freq: torch.Tensor, positions: list[int], mscale: float) -> torch.Tensor:
+    angles = torch.tensor(positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat([angles, angles], dim=-1).cos() * mscale
+
+
+@pytest.mark.parametrize("method", ["none", "pi", "ntk", "dynamic_ntk", "yarn", "longrope"])
+def test_angles_are_exact_at_2048k_positions(method):
+    """cos tables of every method against a float64 reference built on transformers' own frequencies (longrope:
+    transformers' default frequencies divided by the factors), at 2k, 128k and 2048k positions."""
+    if method == "longrope":
+        factors = [1.0] + random_factors(PAPER_GEOMETRY, 600.0, seed=7)[1:]  # the fastest pair extrapolates
+        scaling = rope.longrope_scaling(PAPER_GEOMETRY, PAPER_TARGET, factors)
+        inv_freq = PAPER_GEOMETRY.base_inv_freq().double() / torch.tensor(factors, dtype=torch.float64)
+    else:
+        scaling = rope.build_scaling(method, PAPER_GEOMETRY, PAPER_TARGET)
+        inv_freq = transformers_inv_freq(method, PAPER_TARGET)
+    module = rope.ScaledRotaryEmbedding(scaling)
+    cos, _ = module(torch.zeros(1, dtype=torch.float64), torch.tensor([PAPER_POSITIONS]))
+    expected = reference_cos(inv_freq, PAPER_POSITIONS, scaling.mscale)
+    errors = (cos[0] - expected).abs().amax(dim=-1)
+    assert errors.max().item() < 1e-8, errors.tolist()
+    # The check can fail: angles in fp32, as stock transformers forms them, miss the reference at 2048k by > 1e-5.
+    fp32 = torch.tensor(PAPER_POSITIONS, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+    fp32_cos = torch.cat([fp32, fp32], dim=-1).double().cos() * scaling.mscale
+    assert (fp32_cos[-1] - expected[-1]).abs().max().item() > 1e-5, "the fp32 baseline should miss"
+
+
+def test_baseline_factors_reproduce_transformers_frequencies_exactly():
+    """θ_i / λ_i gives back transformers' fp32 frequencies to float64 rounding (the 6-digit rounding this replaced
+    moved YaRN's pair frequencies by up to 5e-6 relative)."""
+    base = PAPER_GEOMETRY.base_inv_freq().double()
+    for method in ("pi", "ntk", "yarn"):
+        scaling = rope.build_scaling(method, PAPER_GEOMETRY, PAPER_TARGET)
+        ours = base / torch.tensor(scaling.long_factors, dtype=torch.float64)
+        torch.testing.assert_close(ours, transformers_inv_freq(method, PAPER_TARGET), rtol=1e-15, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Bad input: one line, naming the field and the fix
 
 
@@ -270,15 +345,15 @@ def test_negative_start_tokens_and_short_target():
     geometry = rope.RopeGeometry(10000.0, 8, 8, ORIGINAL_LENGTH)
     with pytest.raises(LongRopeError, match="start_tokens must be an integer >= 0"):
         rope.longrope_scaling(geometry, TARGET, [1.0] * 4, start_tokens=-1)
-    with pytest.raises(LongRopeError, match=r"target_length = 64 must be larger than the original length 64"):
+    with pytest.raises(LongRopeError, match=r"target_length: 64 must be larger than the original window 64"):
         rope.pi_scaling(geometry, ORIGINAL_LENGTH)
 
 
 def test_unknown_method_lists_known_ones():
     geometry = rope.RopeGeometry(10000.0, 8, 8, ORIGINAL_LENGTH)
-    with pytest.raises(LongRopeError, match=r"'su' is not known: use one of none, pi, ntk, dynamic_ntk, yarn"):
+    with pytest.raises(LongRopeError, match=r"'su' is not a RoPE method; use one of none, pi, ntk, dynamic_ntk, yarn"):
         rope.build_scaling("su", geometry, TARGET)
-    with pytest.raises(LongRopeError, match="mscale = 'cold' is not known"):
+    with pytest.raises(LongRopeError, match="mscale: 'cold' is not a number or one of su, yarn, none"):
         rope.pi_scaling(geometry, TARGET, mscale="cold")
 
 

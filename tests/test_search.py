@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_config, user_error
 
 import search
 from longrope import factors, rope
+from longrope.args import RopeArguments
 from longrope.errors import LongRopeError
-from longrope.searcher import SearchArguments, plan_stage, stretch_factors
+from longrope.search_stages import SearchArguments, plan_stage, stretch_factors
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = 64
@@ -42,17 +45,14 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("search_world")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    config = tiny_config(
+        "llama",
         vocab_size=64,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
         head_dim=32,
         max_position_embeddings=ORIGINAL,
         bos_token_id=1,
         eos_token_id=2,
+        attn_implementation="sdpa",
     )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
     generator = torch.Generator().manual_seed(1)
@@ -74,7 +74,7 @@ def write_config(world, tmp_path, **overrides) -> Path:
         "model_name_or_path": str(world / "model"),
         "target_length": 4 * ORIGINAL,
         "documents_path": str(world / "docs"),
-        "num_samples": 3,
+        "num_documents": 3,
         "output_dir": str(tmp_path / "out"),
         "evolution": dict(SMALL_EVOLUTION),
     }
@@ -193,19 +193,21 @@ def test_second_stage_is_seeded_with_stretched_factors(world, tmp_path):
     first = rope.longrope_scaling(geometry, 4 * ORIGINAL, [1.0 + 0.2 * i for i in range(16)])
     path = tmp_path / "first.json"
     factors.save(path, first)
-    args = SearchArguments(
-        stage="second", target_length=8 * ORIGINAL, documents_path="x", factors_path=str(path), evolution={}
-    )
-    plan = plan_stage(args, model.config)
+    args = SearchArguments(stage="second", documents_path="x", num_documents=1, output_dir="o", evolution={})
+    plan = plan_stage(args, RopeArguments(target_length=8 * ORIGINAL, rope_factors_path=str(path)), model.config)
     stretched = plan.seeds["finetuned_stretched"].factors
     assert stretched == pytest.approx(stretch_factors(first.long_factors, 4.0, 8.0))
     assert stretched[0] == pytest.approx(1.0) and stretched[-1] == pytest.approx(1 + 3.0 * 7 / 3)
     assert {"pi", "ntk", "yarn"} <= set(plan.seeds) and plan.scale == 8.0
     with pytest.raises(LongRopeError, match="the second stage starts from the fine-tuned model's factors"):
-        plan_stage(SearchArguments(stage="second", target_length=512, documents_path="x", evolution={}), model.config)
+        plan_stage(
+            SearchArguments(stage="second", documents_path="x", num_documents=1, output_dir="o", evolution={}),
+            RopeArguments(target_length=512),
+            model.config,
+        )
 
 
-def test_short_stage_writes_short_factors_beside_the_long_ones(world, tmp_path):
+def test_short_stage_writes_short_factors_beside_the_long_ones(world, tmp_path, capsys):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(world / "model")
@@ -213,28 +215,16 @@ def test_short_stage_writes_short_factors_beside_the_long_ones(world, tmp_path):
     long_scaling = rope.longrope_scaling(geometry, 8 * ORIGINAL, [1.0 + 0.45 * i for i in range(16)])
     path = tmp_path / "long.json"
     factors.save(path, long_scaling)
-    config = write_config(world, tmp_path, stage="short", target_length=ORIGINAL, factors_path=str(path))
+    config = write_config(world, tmp_path, stage="short", target_length=ORIGINAL, rope_factors_path=str(path))
     search.main(["--config", str(config)])
     result = factors.load(tmp_path / "out" / "factors.json").scaling
     assert result.long_factors == long_scaling.long_factors
     assert result.max_position_embeddings == 8 * ORIGINAL
     assert result.short_factors is not None and max(result.short_factors) <= max(1.25, 0.25 * 8) + 1e-9
-    with pytest.raises(LongRopeError, match="beyond the original window 64"):
-        search.main(
-            [
-                "--config",
-                str(
-                    write_config(
-                        world,
-                        tmp_path,
-                        stage="short",
-                        target_length=128,
-                        factors_path=str(path),
-                        output_dir=str(tmp_path / "o2"),
-                    )
-                ),
-            ]
-        )
+    beyond = write_config(
+        world, tmp_path, stage="short", target_length=128, rope_factors_path=str(path), output_dir=str(tmp_path / "o2")
+    )
+    assert "beyond the original window 64" in user_error(capsys, search.main, ["--config", str(beyond)])
 
 
 def test_non_finite_fitness_is_recorded_as_inf_and_the_search_goes_on(world, tmp_path, monkeypatch):
@@ -259,32 +249,40 @@ def test_non_finite_fitness_is_recorded_as_inf_and_the_search_goes_on(world, tmp
     ("overrides", "message"),
     [
         ({"target_length": ORIGINAL}, "target_length: 64 must be larger than the original length 64"),
-        ({"num_samples": 6}, r"5 documents have >= 256 tokens, 6 needed \(longest: 900\)"),
+        ({"num_documents": 6}, r"5 documents have >= 256 tokens, 6 needed \(longest: 900\)"),
         ({"target_length": 2000}, r"0 documents have >= 2000 tokens, 3 needed \(longest: 900\)"),
         ({"evolution": {"rotary_dim": 8}}, "evolution.rotary_dim: derived from the model"),
         (
             {"evolution": {**SMALL_EVOLUTION, "variant": "lambda_start", "start_token_choices": [0, 4, 300]}},
             "300 start tokens is not below the sample length 256",
         ),
-        ({"mscale": "hot"}, "mscale = 'hot' is not known"),
+        ({"rope_mscale": "hot"}, "rope_mscale: 'hot' is not a number or one of su, yarn, none"),
         ({"stage": "third"}, "stage: 'third' is not one of first, second, short"),
+        ({"num_samples": 3}, "num_samples: renamed to num_documents"),
+        ({"mscale": "su"}, "mscale: renamed to rope_mscale"),
+        ({"rope_method": "pi"}, "rope_method: search.py always searches LongRoPE factors"),
+        ({"evolution": {"num_samples": 2}}, "evolution.num_samples: set num_documents at the top level"),
     ],
 )
-def test_bad_input_is_one_line(world, tmp_path, overrides, message):
-    with pytest.raises(LongRopeError, match=message) as info:
-        search.main(["--config", str(write_config(world, tmp_path, **overrides))])
-    assert "\n" not in str(info.value)
+def test_bad_input_is_one_line(world, tmp_path, capsys, overrides, message):
+    line = user_error(capsys, search.main, ["--config", str(write_config(world, tmp_path, **overrides))])
+    assert re.search(message, line), line
+    assert not (tmp_path / "out").exists(), "a refused search writes nothing"
 
 
-def test_resume_refuses_a_different_config(world, tmp_path):
+def test_resume_refuses_a_different_config_and_writes_nothing(world, tmp_path, capsys):
     search.main(["--config", str(write_config(world, tmp_path))])
-    with pytest.raises(LongRopeError, match="already holds a search; pass --resume true"):
-        search.main(["--config", str(write_config(world, tmp_path))])
+    finished = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir() if path.is_file()}
+    again = ["--config", str(write_config(world, tmp_path))]
+    assert "already holds a search; pass --resume true" in user_error(capsys, search.main, again)
     changed = write_config(world, tmp_path, evolution={**SMALL_EVOLUTION, "mutation_prob": 0.5})
-    with pytest.raises(LongRopeError, match=r"differs in: mutation_prob"):
-        search.main(["--config", str(changed), "--resume", "true"])
-    with pytest.raises(LongRopeError, match="different samples_sha256, target_length"):
-        search.main(["--config", str(write_config(world, tmp_path, target_length=300)), "--resume", "true"])
+    assert "differs in: mutation_prob" in user_error(
+        capsys, search.main, ["--config", str(changed), "--resume", "true"]
+    )
+    longer = ["--config", str(write_config(world, tmp_path, target_length=300)), "--resume", "true"]
+    assert "different samples_sha256, target_length" in user_error(capsys, search.main, longer)
+    # The refused runs left the finished search's files (its config.yaml included) as they were.
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir() if path.is_file()} == finished
 
 
 def test_wandb_gets_generations_factor_curve_and_artifact(world, tmp_path, monkeypatch):
@@ -308,6 +306,7 @@ def test_short_stage_seeds_stay_under_the_cap_and_include_the_trained_factors(wo
     path = tmp_path / "long.json"
     factors.save(path, long_scaling)
     trained = [1.0 + 0.1 * i for i in range(16)]
+    config.max_position_embeddings = 8 * ORIGINAL  # as a fine-tuned checkpoint's config says
     config.rope_parameters = {
         **(config.rope_parameters or {}),
         "rope_type": "longrope",
@@ -315,10 +314,8 @@ def test_short_stage_seeds_stay_under_the_cap_and_include_the_trained_factors(wo
         "short_factor": trained,
         "original_max_position_embeddings": ORIGINAL,
     }
-    args = SearchArguments(
-        stage="short", target_length=ORIGINAL, factors_path=str(path), documents_path="x", evolution={}
-    )
-    plan = plan_stage(args, config)
+    args = SearchArguments(stage="short", documents_path="x", num_documents=1, output_dir="o", evolution={})
+    plan = plan_stage(args, RopeArguments(target_length=ORIGINAL, rope_factors_path=str(path)), config)
     cap = max(1.25, 0.25 * 8)
     assert max(long_scaling.long_factors) > 8  # the input really exceeds its scale
     for name, seed in plan.seeds.items():
@@ -330,7 +327,7 @@ def test_second_stage_seeds_from_factors_above_their_scale_fit_the_new_space(wor
     import transformers
 
     from longrope.evolution import EvolutionSearch
-    from longrope.searcher import evolution_config, seeds_within_space
+    from longrope.search_stages import evolution_config, seeds_within_space
 
     config = transformers.AutoConfig.from_pretrained(world / "model")
     geometry = rope.RopeGeometry.from_config(config)
@@ -338,11 +335,9 @@ def test_second_stage_seeds_from_factors_above_their_scale_fit_the_new_space(wor
     first = rope.longrope_scaling(geometry, 4 * ORIGINAL, [1.0 + 4.0 * i / 15 for i in range(16)])
     path = tmp_path / "first.json"
     factors.save(path, first)
-    args = SearchArguments(
-        stage="second", target_length=32 * ORIGINAL, factors_path=str(path), documents_path="x", evolution={}
-    )
-    plan = plan_stage(args, config)
-    evolution = evolution_config(args, plan, config)
+    args = SearchArguments(stage="second", documents_path="x", num_documents=1, output_dir="o", evolution={})
+    plan = plan_stage(args, RopeArguments(target_length=32 * ORIGINAL, rope_factors_path=str(path)), config)
+    evolution = evolution_config(args, plan)
     assert max(plan.seeds["finetuned_stretched"].factors) > evolution.space.factor_max  # the raw stretch overshoots
     with pytest.raises(LongRopeError, match="outside"):
         EvolutionSearch(evolution, plan.seeds)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from longrope import data
+from longrope import corpus
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "tiny"
 TRAINING_LENGTH = 256
@@ -40,7 +40,7 @@ def test_committed_model_is_a_small_stock_llama_at_256(model_and_tokenizer):
 
 def test_heldout_perplexity_at_the_training_length(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    windows = torch.from_numpy(data.heldout_windows(tokenizer, TRAINING_LENGTH, num_windows=64)).long()
+    windows = torch.from_numpy(corpus.heldout_windows(tokenizer, TRAINING_LENGTH, num_windows=64)).long()
     assert windows.shape == (64, TRAINING_LENGTH) and (windows[:, 0] == tokenizer.bos_token_id).all()
     assert (windows[:, 1:] != tokenizer.bos_token_id).all() and (windows[:, 1:] <= tokenizer.eos_token_id).all()
     with torch.no_grad():
@@ -52,13 +52,13 @@ def test_heldout_perplexity_at_the_training_length(model_and_tokenizer):
 
 
 def test_heldout_windows_are_consecutive_slices_of_the_test_split():
-    tokenizer = data.build_byte_tokenizer()
-    windows = data.heldout_windows(tokenizer, 64, num_windows=None)
+    tokenizer = corpus.build_byte_tokenizer()
+    windows = corpus.heldout_windows(tokenizer, 64, num_windows=None)
     stream: list[int] = []
-    for document in data.stdlib_documents(splits=["test"]):
+    for document in corpus.stdlib_documents(splits=["test"]):
         stream += [*document.text.encode("utf-8"), tokenizer.eos_token_id]
     bodies = windows[:, 1:].reshape(-1).tolist()
     assert bodies == stream[: len(bodies)] and len(stream) - len(bodies) < 63
     assert (windows[:, 0] == tokenizer.bos_token_id).all()
     chosen = np.linspace(0, len(windows) - 1, 5).round().astype(int)
-    assert data.heldout_windows(tokenizer, 64, num_windows=5).tolist() == windows[chosen].tolist()
+    assert corpus.heldout_windows(tokenizer, 64, num_windows=5).tolist() == windows[chosen].tolist()

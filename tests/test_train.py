@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import user_error
 
 import train
-from longrope import data, modeling, tracking
+from longrope import corpus, data, modeling, tracking
 from longrope.args import DataArguments, ModelArguments, parse_config
 from longrope.errors import LongRopeError
-from longrope.training import LongRopeTrainingArguments
 
 TINY_MODEL = {
     "model_type": "llama",
@@ -34,11 +34,11 @@ TINY_MODEL = {
 def prepared(tmp_path_factory):
     """A byte tokenizer and a packed 32-token dataset (train + validation) from a few stdlib files."""
     root = tmp_path_factory.mktemp("prepared")
-    tokenizer = data.build_byte_tokenizer()
+    tokenizer = corpus.build_byte_tokenizer()
     tokenizer.save_pretrained(root / "tok")
     texts = root / "texts"
     texts.mkdir()
-    for i, document in enumerate(data.stdlib_documents(max_files=12)):
+    for i, document in enumerate(corpus.stdlib_documents(max_files=12)):
         (texts / f"{i:02d}.txt").write_text(document.text)
     settings = DataArguments(
         sources=[str(texts)],
@@ -102,10 +102,8 @@ def test_pretraining_runs_writes_metrics_and_a_loadable_model_then_fine_tunes(tm
     assert not torch.allclose(model.model.embed_tokens.weight, initial.model.embed_tokens.weight)
 
     # The resolved config repeats the run, and a checkpoint fine-tunes through model_name_or_path.
-    parsed = parse_config(
-        (ModelArguments, DataArguments, LongRopeTrainingArguments), ["--config", str(output / "config.yaml")]
-    )
-    assert parsed[2].learning_rate == 5e-3 and parsed[0].model_config == TINY_MODEL
+    parsed = parse_config(train.CONFIG_KEYS, ["--config", str(output / "config.yaml")])
+    assert parsed[-1].learning_rate == 5e-3 and parsed[0].model_config == TINY_MODEL
     finetune = _write_config(
         tmp_path / "finetune.yaml",
         prepared,
@@ -120,31 +118,35 @@ def test_pretraining_runs_writes_metrics_and_a_loadable_model_then_fine_tunes(tm
     assert (tmp_path / "finetune" / "model.safetensors").is_file()
 
 
-def _exit_message(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as error:
-        train.main(argv)
-    message = str(error.value)
-    assert message.startswith("train.py: error: ") and "\n" not in message
-    return message
+@pytest.fixture
+def refused(capsys):
+    """train.main on argv that must be refused: its one error line (exit status 2)."""
+
+    def run(argv: list[str]) -> str:
+        line = user_error(capsys, train.main, argv)
+        assert line.startswith("train.py: error: ")
+        return line
+
+    return run
 
 
-def test_unknown_yaml_key_is_a_one_line_error(tmp_path, prepared):
+def test_unknown_yaml_key_is_a_one_line_error(tmp_path, prepared, refused):
     config = _write_config(tmp_path / "c.yaml", prepared, tmp_path / "out", lerning_rate=1e-3)
-    message = _exit_message(["--config", str(config)])
+    message = refused(["--config", str(config)])
     assert "unknown key 'lerning_rate' (did you mean 'learning_rate'?)" in message
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_command_line_argument_is_a_one_line_error(tmp_path, prepared):
+def test_unknown_command_line_argument_is_a_one_line_error(tmp_path, prepared, refused):
     config = _write_config(tmp_path / "c.yaml", prepared, tmp_path / "out")
-    assert "--max_stpes" in _exit_message(["--config", str(config), "--max_stpes", "3"])
+    assert "--max_stpes" in refused(["--config", str(config), "--max_stpes", "3"])
 
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
         ({"dataset_path": "/nonexistent/prepared"}, "dataset_path: '/nonexistent/prepared' holds no prepared dataset"),
-        ({"model_name_or_path": "models/tiny"}, "model_name_or_path / model_config: set exactly one"),
+        ({"model_name_or_path": "models/tiny"}, "model_name_or_path / model_config: set one"),
         ({"model_config": {**TINY_MODEL, "hiden_size": 8}}, "model_config.hiden_size: not a LlamaConfig key"),
         ({"model_config": {"hidden_size": 8}}, "model_config: add 'model_type'"),
         ({"tokenizer_name_or_path": None}, "tokenizer_name_or_path: required"),
@@ -152,12 +154,12 @@ def test_unknown_command_line_argument_is_a_one_line_error(tmp_path, prepared):
         ({"max_seq_len": 64}, "max_seq_len: 64, but the rows of"),
     ],
 )
-def test_bad_configuration_is_a_one_line_error_naming_the_key(tmp_path, prepared, overrides, expected):
+def test_bad_configuration_is_a_one_line_error_naming_the_key(tmp_path, prepared, refused, overrides, expected):
     config = _write_config(tmp_path / "c.yaml", prepared, tmp_path / "out", **overrides)
-    assert expected in _exit_message(["--config", str(config)])
+    assert expected in refused(["--config", str(config)])
 
 
-def test_missing_validation_split_with_evaluation_enabled(tmp_path, prepared):
+def test_missing_validation_split_with_evaluation_enabled(tmp_path, prepared, refused):
     dataset = data.load_prepared_dataset(prepared / "dataset")
     del dataset["validation"]
     dataset.save_to_disk(str(tmp_path / "train_only"))
@@ -169,7 +171,7 @@ def test_missing_validation_split_with_evaluation_enabled(tmp_path, prepared):
         eval_strategy="steps",
         eval_steps=2,
     )
-    assert "eval_strategy: steps needs a validation split" in _exit_message(["--config", str(config)])
+    assert "eval_strategy: steps needs a validation split" in refused(["--config", str(config)])
 
 
 def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
@@ -198,7 +200,7 @@ def test_attention_implementation_resolution():
 def test_model_config_accepts_a_mapping_a_json_string_or_a_config_path(tmp_path):
     from transformers import LlamaConfig
 
-    tokenizer = data.build_byte_tokenizer()
+    tokenizer = corpus.build_byte_tokenizer()
     LlamaConfig(**{k: v for k, v in TINY_MODEL.items() if k != "model_type"}, vocab_size=300).save_pretrained(tmp_path)
     from_mapping = modeling.build_model(ModelArguments(model_config=dict(TINY_MODEL)), tokenizer)
     from_json = modeling.build_model(ModelArguments(model_config=json.dumps(TINY_MODEL)), tokenizer)

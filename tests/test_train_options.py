@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 
-from longrope import training
+from longrope import memory_estimate, memory_options, train_args, training
 from longrope.errors import LongRopeError
+from longrope.trainer import LongContextTrainer
 
 LAYERS = 3
 HIDDEN = 64
@@ -16,21 +18,17 @@ VOCAB = 256
 
 
 def _tiny_config(**overrides):
-    from transformers import LlamaConfig
-
     values = dict(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
         num_hidden_layers=LAYERS,
-        num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return tiny_config("llama", **{**values, **overrides})
 
 
 @pytest.fixture
@@ -42,19 +40,19 @@ def no_zero3_afterwards():
     unset_hf_deepspeed_config()
 
 
-def _one_training_step(tmp_path, **options) -> tuple[float, dict[str, torch.Tensor], training.LongContextTrainer]:
+def _one_training_step(tmp_path, **options) -> tuple[float, dict[str, torch.Tensor], LongContextTrainer]:
     """Loss and gradients of one Trainer step (activation checkpointing on) of the same model on the same batch."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_tiny_config(), attn_implementation="sdpa")
-    args = training.LongRopeTrainingArguments(
+    args = train_args.LongRopeTrainingArguments(
         output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", activation_checkpointing=True, **options
     )
     if args.tiled_mlp:
-        training.enable_tiled_mlp(model, args.tiled_mlp_shards)
+        memory_options.enable_tiled_mlp(model, args.tiled_mlp_shards)
     model.activation_checkpointing_enable()  # Trainer.train() does it; this test calls training_step directly
-    trainer = training.LongContextTrainer(model=model, args=args)
+    trainer = LongContextTrainer(model=model, args=args)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train()
     input_ids = torch.randint(0, VOCAB, (2, 256), generator=torch.Generator().manual_seed(1))
     loss = trainer.training_step(model, {"input_ids": input_ids, "labels": input_ids})
@@ -121,22 +119,22 @@ def test_activation_offload_really_moves_and_restores_the_hidden_states(tmp_path
 
 def test_memory_options_are_one_line_errors(tmp_path):
     with pytest.raises(LongRopeError, match="offload_activations: .* set activation_checkpointing: true"):
-        training.LongRopeTrainingArguments(output_dir=str(tmp_path), use_cpu=True, offload_activations=True)
+        train_args.LongRopeTrainingArguments(output_dir=str(tmp_path), use_cpu=True, offload_activations=True)
     with pytest.raises(LongRopeError, match="tiled_mlp_shards: 0 must be a positive integer"):
-        training.LongRopeTrainingArguments(output_dir=str(tmp_path), use_cpu=True, tiled_mlp_shards=0)
+        train_args.LongRopeTrainingArguments(output_dir=str(tmp_path), use_cpu=True, tiled_mlp_shards=0)
     with pytest.raises(LongRopeError, match="lora_r: -1 must be an integer >= 0"):
-        training.LongRopeTrainingArguments(output_dir=str(tmp_path), use_cpu=True, lora_r=-1)
+        train_args.LongRopeTrainingArguments(output_dir=str(tmp_path), use_cpu=True, lora_r=-1)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with pytest.raises(LongRopeError, match="tiled_mlp: the model has no gated MLP"):
-        training.enable_tiled_mlp(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
+        memory_options.enable_tiled_mlp(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Memory estimate
 
 
-def _estimate_args(tmp_path, **overrides) -> training.LongRopeTrainingArguments:
+def _estimate_args(tmp_path, **overrides) -> train_args.LongRopeTrainingArguments:
     values = dict(
         output_dir=str(tmp_path),
         estimate_memory=True,
@@ -146,7 +144,7 @@ def _estimate_args(tmp_path, **overrides) -> training.LongRopeTrainingArguments:
         deepspeed="configs/deepspeed/zero3.json",
     )
     values.update(overrides)
-    return training.LongRopeTrainingArguments(**values)
+    return train_args.LongRopeTrainingArguments(**values)
 
 
 def _row(estimate, name: str) -> float:
@@ -156,7 +154,7 @@ def _row(estimate, name: str) -> float:
 def test_memory_estimate_matches_the_hand_computed_formula(tmp_path, no_zero3_afterwards, monkeypatch):
     monkeypatch.chdir(training.Path(__file__).resolve().parents[1])
     config = _tiny_config()
-    estimate = training.estimate_memory(config, _estimate_args(tmp_path), seq_len=1024, world_size=4)
+    estimate = memory_estimate.estimate_memory(config, _estimate_args(tmp_path), seq_len=1024, world_size=4)
     q = kv = 2 * 32
     layer = 4 * HIDDEN * q + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN  # q, k, v, o; gate, up, down; two norms
     parameters = 2 * VOCAB * HIDDEN + LAYERS * layer + HIDDEN
@@ -178,22 +176,24 @@ def test_memory_estimate_scales_with_sp_size_loss_chunks_tiles_lora_and_offload(
     monkeypatch.chdir(training.Path(__file__).resolve().parents[1])
     config = _tiny_config()
     activations = ("checkpointed hidden states", "layer recompute: attention", "layer recompute: MLP")
-    base = training.estimate_memory(config, _estimate_args(tmp_path), seq_len=2048, world_size=4)
-    sp2 = training.estimate_memory(config, _estimate_args(tmp_path, sp_size=2), seq_len=2048, world_size=4)
+    base = memory_estimate.estimate_memory(config, _estimate_args(tmp_path), seq_len=2048, world_size=4)
+    sp2 = memory_estimate.estimate_memory(config, _estimate_args(tmp_path, sp_size=2), seq_len=2048, world_size=4)
     for name in activations + ("logits and loss",):
         assert _row(sp2, name) == _row(base, name) / 2, name
     assert _row(sp2, "model states (weights, grads, Adam)") == _row(base, "model states (weights, grads, Adam)")
 
-    chunked = training.estimate_memory(
+    chunked = memory_estimate.estimate_memory(
         config, _estimate_args(tmp_path, loss_chunk_size=256), seq_len=2048, world_size=4
     )
     assert _row(chunked, "logits and loss") == _row(base, "logits and loss") / 8
 
-    tiled = training.estimate_memory(config, _estimate_args(tmp_path, tiled_mlp=True), seq_len=2048, world_size=4)
+    tiled = memory_estimate.estimate_memory(
+        config, _estimate_args(tmp_path, tiled_mlp=True), seq_len=2048, world_size=4
+    )
     tiles = 2048 // HIDDEN
     assert _row(tiled, "layer recompute: MLP") == (2048 * 2 * HIDDEN + 2048 // tiles * 4 * INTERMEDIATE) * 2 * 2
 
-    lora = training.estimate_memory(
+    lora = memory_estimate.estimate_memory(
         config, _estimate_args(tmp_path, lora_r=8, lora_target_modules=["q_proj"]), seq_len=2048, world_size=4
     )
     unfrozen = 2 * VOCAB * HIDDEN - VOCAB * HIDDEN + (2 * LAYERS + 1) * HIDDEN  # embed_tokens and the norms
@@ -203,6 +203,6 @@ def test_memory_estimate_scales_with_sp_size_loss_chunks_tiles_lora_and_offload(
     assert _row(lora, "model states (weights, grads, Adam)") == expected_states
 
     offload = _estimate_args(tmp_path, deepspeed="configs/deepspeed/zero3_offload.json", offload_activations=True)
-    moved = training.estimate_memory(config, offload, seq_len=2048, world_size=4)
+    moved = memory_estimate.estimate_memory(config, offload, seq_len=2048, world_size=4)
     assert moved.cpu_gib > 0 and moved.gpu_gib < base.gpu_gib
     assert _row(moved, "model states (weights, grads, Adam)") == 2 * base.num_parameters / 4  # gradients only
