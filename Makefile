@@ -1,6 +1,7 @@
 # `make test`: create the virtualenv when needed, install the pinned CPU stack, run the test suite.
 # `make demo`: create the virtualenv and install when needed, then run the whole LongRoPE method on the embedded tiny
-# model (longrope/pipeline.py; see README "Demo" for its measured time).
+# model (scripts/demo.py with the stages and claims of configs/tiny/demo.yaml; see README "Demo" for its measured
+# time).
 # `make lint`: ruff.  Override the interpreter with `make PYTHON=python3.11 test`.
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,7 +31,7 @@ test: $(STAMP)
 
 # Resumes an interrupted run; `make demo DEMO_ARGS=--fresh` starts over.
 demo: $(STAMP)
-	$(PY) -m longrope.pipeline --output_dir outputs/demo --publish docs/demo $(DEMO_ARGS)
+	$(PY) -m scripts.demo --output_dir outputs/demo --publish docs/demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

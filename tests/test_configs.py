@@ -17,8 +17,12 @@ from longrope.args import parse_config, resolved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+# configs/tiny/demo.yaml is no script's config: it lists the demo's stages and claims (tests/test_pipeline.py).
 SCRIPT_CONFIGS = sorted(
-    p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("accelerate", "lm_eval_tasks", "tiny_python")
+    p
+    for p in CONFIGS.rglob("*.yaml")
+    if p.parent.name not in ("accelerate", "lm_eval_tasks", "tiny_python")
+    and p.relative_to(CONFIGS) != Path("tiny/demo.yaml")
 )
 
 

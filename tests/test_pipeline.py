@@ -1,4 +1,5 @@
-"""The demo pipeline: stage chaining, the claims table, and a CI-sized end-to-end run of every stage."""
+"""The demo (scripts/demo.py, configs/tiny/demo.yaml): loading and checking its data, stage chaining, the claims
+table, and a CI-sized end-to-end run of every stage."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from longrope import pipeline
 from longrope.errors import LongRopeError
+from scripts import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,45 +23,109 @@ def _stage_config(tmp_path: Path, name: str, values: dict) -> str:
     return str(path)  # absolute: ROOT / absolute stays absolute
 
 
-def test_a_stage_reads_earlier_stages_through_the_pipeline_directory(tmp_path):
+def test_a_stage_reads_earlier_stages_through_the_demo_directory(tmp_path):
     config = _stage_config(
         tmp_path,
         "eval",
         {
             "model_name_or_path": "outputs/tiny/finetune-8x",
-            "methods": ["pi", {"name": "s", "factors_path": "outputs/tiny/search-8x/factors.json"}],
+            "methods": ["pi", {"name": "s", "rope_factors_path": "outputs/tiny/search-8x/factors.json"}],
             "documents_path": "data/tiny/corpus/test-long",
+            "dataset_path": "data/tiny/corpus/pretrain-2048",
             "output_dir": "outputs/tiny/eval-x",
         },
     )
-    stage = pipeline.Stage("eval-x", "evaluate.py", config, ("results.json",))
+    stage = demo.Stage("eval-x", "evaluate.py", config, ("results.json",))
     out = tmp_path / "run"
-    resolved = pipeline.resolve_stage(stage, out, {"num_documents": 1}, ["search-8x", "finetune-8x"], out / "data")
+    links = {
+        "outputs/tiny/search-8x": "search-8x",
+        "outputs/tiny/finetune-8x": "finetune-8x",
+        "data/tiny/corpus/pretrain-2048": "data/pretrain-2048",  # what a data.prepare stage wrote
+    }
+    resolved = demo.resolve_stage(stage, out, {"num_documents": 1}, links)
     assert resolved.config["model_name_or_path"] == str(out / "finetune-8x")
-    assert resolved.config["methods"][1]["factors_path"] == str(out / "search-8x/factors.json")
+    assert resolved.config["methods"][1]["rope_factors_path"] == str(out / "search-8x/factors.json")
     assert resolved.config["methods"][0] == "pi"
     assert resolved.config["documents_path"] == "data/tiny/corpus/test-long"  # shared data stays shared
+    assert resolved.config["dataset_path"] == str(out / "data/pretrain-2048")
     assert resolved.config["output_dir"] == str(out / "eval-x")
     assert resolved.config["num_documents"] == 1
-    assert sorted(resolved.reads) == ["finetune-8x", "search-8x/factors.json"]
+    assert sorted(resolved.reads) == ["data/pretrain-2048", "finetune-8x", "search-8x/factors.json"]
 
+    without_search = {k: v for k, v in links.items() if k != "outputs/tiny/search-8x"}
     with pytest.raises(LongRopeError, match="reads outputs/tiny/search-8x/factors.json, but stage 'search-8x'"):
-        pipeline.resolve_stage(stage, out, {}, ["finetune-8x"], out / "data")
+        demo.resolve_stage(stage, out, {}, without_search)
 
 
 def test_a_stage_writing_outside_its_own_directory_is_refused(tmp_path):
     config = _stage_config(tmp_path, "s", {"model_name_or_path": "models/tiny", "output_dir": "outputs/tiny/other"})
-    stage = pipeline.Stage("search-x", "search.py", config, ("factors.json",))
+    stage = demo.Stage("search-x", "search.py", config, ("factors.json",))
     with pytest.raises(LongRopeError, match="set output_dir: outputs/tiny/search-x"):
-        pipeline.resolve_stage(stage, tmp_path, {}, [], tmp_path / "data")
+        demo.resolve_stage(stage, tmp_path, {}, {})
 
 
 def test_every_shipped_stage_chains_only_backwards():
-    earlier: list[str] = []
-    for stage in pipeline.STAGES:
-        for profile in pipeline.PROFILES.values():
-            pipeline.resolve_stage(stage, Path("/x"), profile.get(stage.name, {}), earlier, Path("/x/data"))
-        earlier.append(stage.name)
+    shipped = demo.load_demo()
+    assert set(shipped.profiles) == {"demo", "ci"}
+    for profile in shipped.profiles:
+        resolved = demo.resolve_stages(shipped, Path("/x"), profile)
+        assert list(resolved) == [stage.name for stage in shipped.stages]
+    # The fine-tunes train on the demo's own segments, never on hand-made data.
+    for name in ("finetune-8x", "finetune-8x-pi", "finetune-8x-yarn"):
+        assert resolved[name].config["dataset_path"] == "/x/data/pretrain-2048"
+
+
+def _demo_file(tmp_path: Path, edit) -> Path:
+    """configs/tiny/demo.yaml with ``edit`` applied to its data, written under ``tmp_path``."""
+    data = yaml.safe_load((ROOT / demo.DEMO_CONFIG).read_text())
+    edit(data)
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_a_claim_naming_a_missing_stage_or_method_is_refused_at_load(tmp_path):
+    def unknown_method(data):
+        data["claims"][2]["others"][1]["name"] = "yarn-typo"
+
+    with pytest.raises(
+        LongRopeError, match=r"claims\[2\]\.others\[1\]: stage eval-64x has no method named 'yarn-typo'"
+    ):
+        demo.load_demo(_demo_file(tmp_path, unknown_method))
+
+    def unknown_stage(data):
+        data["claims"][0]["stage"] = "eval-16x"
+
+    with pytest.raises(
+        LongRopeError, match=r"claims\[0\]\.method: stage 'eval-16x' is not an evaluate.py stage"
+    ) as raised:
+        demo.load_demo(_demo_file(tmp_path, unknown_stage))
+    assert "\n" not in str(raised.value)
+
+    def not_an_evaluation(data):
+        data["claims"][4]["stage"] = "search-8x"  # it writes factors, no results a claim could read
+
+    with pytest.raises(LongRopeError, match="stage 'search-8x' is not an evaluate.py stage"):
+        demo.load_demo(_demo_file(tmp_path, not_an_evaluation))
+
+    def dropped_by_a_profile(data):
+        data["profiles"]["ci"]["eval-8x"]["methods"] = ["none", "pi"]
+
+    with pytest.raises(LongRopeError, match="stage eval-8x has no method named 'longrope-search'"):
+        demo.load_demo(_demo_file(tmp_path, dropped_by_a_profile))
+
+    def unknown_kind(data):
+        data["claims"][1]["kind"] = "below_all"
+
+    with pytest.raises(LongRopeError, match=r"claims\[1\]: kind 'below_all' is not one of"):
+        demo.load_demo(_demo_file(tmp_path, unknown_kind))
+
+    # Nothing ran: the refusal comes from reading the file, before any stage.
+    refused = _demo_file(tmp_path, unknown_method)
+    command = [sys.executable, "-m", "scripts.demo", "--config", str(refused), "--output_dir", str(tmp_path / "run")]
+    main = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert main.returncode != 0 and "demo: error:" in main.stderr and "yarn-typo" in main.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def _write_results(
@@ -105,34 +170,56 @@ def _claims_world(
 
 
 def test_the_claims_follow_the_measured_numbers(tmp_path):
+    shipped = demo.load_demo()
     good, bad = tmp_path / "good", tmp_path / "bad"
     _claims_world(good, searched_8x=3.8, tuned=3.0, second=7.0, short=3.2, passkey=1.0)
     _claims_world(bad, searched_8x=4.5, tuned=3.1, second=9.0, short=3.5, passkey=0.5)
-    assert [claim.held for claim in pipeline.evaluate_claims(good)] == [True] * 5
-    assert [claim.held for claim in pipeline.evaluate_claims(bad)] == [False] * 5
-    first = pipeline.evaluate_claims(good)[0]
+    assert [claim.held for claim in demo.evaluate_claims(shipped, good)] == [True] * 5
+    assert [claim.held for claim in demo.evaluate_claims(shipped, bad)] == [False] * 5
+    first = demo.evaluate_claims(shipped, good)[0]
     assert "yarn 4.400" in first.measured and "3.800" in first.measured
-    assert [claim.held for claim in pipeline.evaluate_claims(tmp_path / "nothing")] == [None] * 5
-    assert "short 3.200 vs base 3.000" in pipeline.evaluate_claims(good)[3].measured
+    assert [claim.held for claim in demo.evaluate_claims(shipped, tmp_path / "nothing")] == [None] * 5
+    assert "short 3.200 vs base 3.000" in demo.evaluate_claims(shipped, good)[3].measured
+    # The rows exactly as the summary table prints them (claim texts filled in from the data and the base model).
+    assert [claim.row() for claim in demo.evaluate_claims(shipped, good)] == [
+        "| No fine-tuning, 8x: searched factors beat none, PI, NTK, dynamic NTK and YaRN | searched 3.800 vs best "
+        "baseline yarn 4.400 (+13.6%) at 2048 | Table 1, LLaMA2-7B Proof-pile 16k: Search 3.13 vs YaRN 3.25, Dy-NTK "
+        "3.87, PI 4.93 | yes |",
+        "| Fine-tuned at 8x: from the searched factors ends below from PI and from YaRN | searched 3.000, PI 5.700, "
+        "YaRN 3.050 at 2048 | Table 3, LLaMA2-7B 64k fine-tuned: Search 2.36 vs YaRN 2.42, PI 2.44 | yes |",
+        "| Second search on the fine-tuned model, 64x: beats PI and YaRN on the same checkpoint | searched 7.000, PI "
+        "20.000, YaRN 8.000 at 16384 | Table 9, LLaMA2 ft=256k Books3 2048k: LongRoPE 7.08 vs YaRN 8.27, PI 20.17 | "
+        "yes |",
+        "| Short readjustment: at the original 256 within 10% of the base model and below the long factors | short "
+        "3.200 vs base 3.000 (+6.7%), long 4.000 | Table 10, LLaMA2-2048k (ft=256k) at 4k: 3.85 readjusted vs 4.51 "
+        "without; base 3.58 (+7.5%) | yes |",
+        "| Passkey retrieval up to the fine-tuned length: >= 90% at every length | 256: 100%, 2048: 100% | Fig. 4, "
+        "LLaMA2-2048k: >= 90% from 4k to 2048k | yes |",
+    ]
+    # At the bounds fixed in demo.yaml: 10.0% above the base model and exactly 90% passkey accuracy both hold.
+    edge = tmp_path / "edge"
+    _claims_world(edge, searched_8x=3.8, tuned=3.0, second=7.0, short=3.3, passkey=0.9)
+    assert [claim.held for claim in demo.evaluate_claims(shipped, edge)][3:] == [True, True]
 
     other_documents = tmp_path / "other"
     _claims_world(other_documents, 3.8, 3.0, 7.0, 3.2, 1.0, base_documents=20)
-    with pytest.raises(LongRopeError, match="different documents"):
-        pipeline.evaluate_claims(other_documents)
+    with pytest.raises(LongRopeError, match="eval-base-256 and eval-64x read different documents"):
+        demo.evaluate_claims(shipped, other_documents)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_the_ci_sized_pipeline_runs_every_stage_and_chains_their_outputs(tmp_path):
+def test_the_ci_sized_demo_runs_every_stage_and_chains_their_outputs(tmp_path):
+    shipped = demo.load_demo()
     out = tmp_path / "demo"
-    command = [sys.executable, "-m", "longrope.pipeline", "--profile", "ci", "--output_dir", str(out)]
+    command = [sys.executable, "-m", "scripts.demo", "--profile", "ci", "--output_dir", str(out)]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
     manifest = json.loads((out / "pipeline.json").read_text())
-    assert list(manifest["stages"]) == [stage.name for stage in pipeline.STAGES]
+    assert list(manifest["stages"]) == [stage.name for stage in shipped.stages]
     sources = {}
-    for stage in pipeline.STAGES:
+    for stage in shipped.stages:
         record = manifest["stages"][stage.name]
         assert record["status"] == "done", stage.name
         for name in stage.produces:
@@ -174,14 +261,14 @@ def test_the_ci_sized_pipeline_runs_every_stage_and_chains_their_outputs(tmp_pat
 
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
-    assert again.stdout.count("done before, skipped") == len(pipeline.STAGES)
+    assert again.stdout.count("done before, skipped") == len(shipped.stages)
 
 
-def test_a_failing_stage_stops_the_pipeline_with_one_line_and_keeps_its_log(tmp_path, monkeypatch, capsys):
+def test_a_failing_stage_stops_the_demo_with_one_line_and_keeps_its_log(tmp_path, capsys):
     config = _stage_config(tmp_path, "bad", {"sources": [{"path": "python-stdlib"}], "no_such_key": 1})
-    monkeypatch.setattr(pipeline, "STAGES", (pipeline.Stage("pretrain-2048", "data.prepare", config, ("x",)),))
+    broken = demo.Demo(stages=(demo.Stage("pretrain-2048", "data.prepare", config, ("x",)),), profiles={"ci": {}})
     with pytest.raises(LongRopeError, match=r"^stage pretrain-2048 failed \(exit code \d+\); its log is") as raised:
-        pipeline.run_pipeline(tmp_path / "run", "ci", echo=False)
+        demo.run_demo(broken, tmp_path / "run", "ci", echo=False)
     assert "\n" not in str(raised.value)
     manifest = json.loads((tmp_path / "run/pipeline.json").read_text())
     assert manifest["stages"]["pretrain-2048"]["status"] == "failed"
@@ -190,11 +277,11 @@ def test_a_failing_stage_stops_the_pipeline_with_one_line_and_keeps_its_log(tmp_
 
 
 def test_a_stage_killed_part_way_gets_what_it_needs_to_continue(tmp_path):
-    search = pipeline.Stage("search-x", "search.py", "c.yaml", ("factors.json",), 2)
-    train = pipeline.Stage("finetune-x", "train.py", "c.yaml", ("model.safetensors",), 2)
-    assert pipeline.resume_arguments(search, tmp_path) == []
+    search = demo.Stage("search-x", "search.py", "c.yaml", ("factors.json",), 2)
+    train = demo.Stage("finetune-x", "train.py", "c.yaml", ("model.safetensors",), 2)
+    assert demo.resume_arguments(search, tmp_path) == []
     (tmp_path / "search_state.json").write_text("{}")
-    assert pipeline.resume_arguments(search, tmp_path) == ["--resume", "true"]
+    assert demo.resume_arguments(search, tmp_path) == ["--resume", "true"]
     (tmp_path / "checkpoint-50").mkdir()
     # train.py resumes by itself and skips the batches already trained on, also under sequence parallelism.
-    assert pipeline.resume_arguments(train, tmp_path) == []
+    assert demo.resume_arguments(train, tmp_path) == []
