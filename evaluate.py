@@ -12,7 +12,8 @@ longrope/args.py (ModelArguments, RopeArguments: the defaults of every method en
 
 from __future__ import annotations
 
-from longrope.args import ModelArguments, RopeArguments, parse_config
+from longrope.args import ModelArguments, RopeArguments
+from longrope.config_parser import parse_config
 from longrope.errors import LongRopeError, exit_on_user_error
 from longrope.evaluation import EvalArguments
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     import yaml
 
     from longrope import distributed
-    from longrope.args import resolved_config
+    from longrope.config_parser import resolved_config
     from longrope.evaluation import evaluate_methods, log_to_wandb, resolve_methods, write_outputs
     from longrope.io import atomic_write_text, check_output_dir
     from longrope.modeling import load_config, load_for_evaluation, load_tokenizer

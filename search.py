@@ -13,7 +13,8 @@ Keys: longrope/args.py (ModelArguments, RopeArguments: the keys every script sha
 
 from __future__ import annotations
 
-from longrope.args import ModelArguments, RopeArguments, parse_config
+from longrope.args import ModelArguments, RopeArguments
+from longrope.config_parser import parse_config
 from longrope.errors import exit_on_user_error
 from longrope.search_stages import SearchArguments, check_rope_keys
 

@@ -48,7 +48,8 @@ import json
 import logging
 from typing import Any
 
-from longrope.args import DataArguments, ExportArguments, ModelArguments, RopeArguments, parse_config
+from longrope.args import DataArguments, ExportArguments, ModelArguments, RopeArguments
+from longrope.config_parser import parse_config
 from longrope.distributed import init_cpu_deepspeed, shutdown_distributed
 from longrope.errors import exit_on_user_error
 from longrope.train_args import LongRopeTrainingArguments

@@ -25,7 +25,8 @@ import json
 import logging
 import sys
 
-from longrope.args import DataArguments, PrepareArguments, TokenizerArguments, parse_config, resolved_config
+from longrope.args import DataArguments, PrepareArguments, TokenizerArguments
+from longrope.config_parser import parse_config, resolved_config
 from longrope.errors import LongRopeError, exit_on_user_error
 
 # The dataclasses behind this script's config keys (tests parse every shipped config with them).

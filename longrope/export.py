@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from longrope.args import RENAMED_KEYS, ExportArguments, ModelArguments, OutputArguments, RopeArguments, parse_config
+from longrope.args import RENAMED_KEYS, ExportArguments, ModelArguments, OutputArguments, RopeArguments
+from longrope.config_parser import parse_config
 from longrope.errors import LongRopeError, exit_on_user_error
 
 # This command's own earlier flags (python -m longrope.factors export --model --factors --output).

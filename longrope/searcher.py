@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 
 from longrope import distributed, factors, rope
-from longrope.args import RopeArguments, resolved_config
+from longrope.args import RopeArguments
+from longrope.config_parser import resolved_config
 from longrope.documents import ensure_prepared, select_documents
 from longrope.errors import LongRopeError
 from longrope.evolution import EvolutionConfig, EvolutionSearch

@@ -125,7 +125,7 @@ def train(model_args: Any, rope_args: Any, export_args: Any, data_args: Any, tra
     import yaml
     from transformers import set_seed
 
-    from longrope.args import resolved_config
+    from longrope.config_parser import resolved_config
     from longrope.data import PackedCollator, load_prepared_dataset, prepare_hint, read_summary
     from longrope.io import atomic_write_json, atomic_write_text
     from longrope.modeling import load_config, load_tokenizer, new_model_config, prepare_model

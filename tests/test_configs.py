@@ -13,7 +13,7 @@ import evaluate
 import search
 import train
 from data import prepare
-from longrope.args import parse_config, resolved_config
+from longrope.config_parser import parse_config, resolved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -14,7 +14,8 @@ import torch
 from conftest import tiny_config, user_error
 
 from longrope import args, corpus, data, packing, sources
-from longrope.args import DataArguments, parse_config
+from longrope.args import DataArguments
+from longrope.config_parser import parse_config
 from longrope.errors import LongRopeError
 
 REPO = Path(__file__).resolve().parents[1]

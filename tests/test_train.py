@@ -15,7 +15,8 @@ from conftest import user_error
 
 import train
 from longrope import corpus, data, modeling, tracking
-from longrope.args import DataArguments, ModelArguments, parse_config
+from longrope.args import DataArguments, ModelArguments
+from longrope.config_parser import parse_config
 from longrope.errors import LongRopeError
 
 TINY_MODEL = {
