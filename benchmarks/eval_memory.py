@@ -48,7 +48,7 @@ def run_child(method: str, length: int, vocab_size: int, chunk_size: int) -> dic
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from longrope.metrics import sequence_nll
+    from longrope.perplexity import sequence_nll
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -66,7 +66,7 @@ def run_child(method: str, length: int, vocab_size: int, chunk_size: int) -> dic
     baseline_kib = _status_kib("VmRSS")
     started = time.perf_counter()
     if method == "chunked":
-        result = sequence_nll(model, input_ids[0], chunk_size=chunk_size)
+        result = sequence_nll(model, input_ids[0], loss_chunk_size=chunk_size)
         loss = result.nll_sum / result.scored_tokens
     else:
         with torch.inference_mode():

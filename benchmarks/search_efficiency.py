@@ -32,10 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from longrope.args import ModelArguments  # noqa: E402
+from longrope.args import ModelArguments, RopeArguments  # noqa: E402
 from longrope.io import atomic_write_json, atomic_write_text  # noqa: E402
 from longrope.modeling import load_for_evaluation  # noqa: E402
-from longrope.searcher import SearchArguments, run_search  # noqa: E402
+from longrope.search_stages import SearchArguments  # noqa: E402
+from longrope.searcher import run_search  # noqa: E402
 
 
 def run(
@@ -52,15 +53,14 @@ def run(
         **(args.fast_overrides if mode == "fast" else {}),
     }
     search_args = SearchArguments(
-        target_length=args.target_length,
         documents_path=args.documents_path,
-        num_samples=args.samples,
+        num_documents=args.samples,
         evolution=evolution,
         output_dir=output_dir,
         resume=resume,
     )
     started = time.perf_counter()
-    summary = run_search(model, search_args, progress=False)
+    summary = run_search(model, search_args, RopeArguments(target_length=args.target_length), progress=False)
     seconds = time.perf_counter() - started
     log = json.loads((Path(output_dir) / "generations.json").read_text())["generations"]
     return {"summary": summary, "seconds": seconds, "log": log}

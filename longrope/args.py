@@ -1,4 +1,4 @@
-"""Every config key the entry points share, defined once, and the one parser they all use.
+"""Every config key the entry points share, defined once: the key groups every script composes its keys from.
 
 One concept has one key everywhere: a user who writes ``sp_size`` for train.py writes it for evaluate.py too. Each
 dataclass here groups the keys of one concept and is read by every entry point that needs it:

@@ -14,9 +14,13 @@ Each stage is a real call of ``python -m data.prepare`` / ``search.py`` / ``trai
 through ``outputs/tiny/<stage>/...`` paths (each stage reads the files an earlier stage wrote there); the demo
 rewrites those paths into its own output directory, so it never touches the outputs of hand-run stages, and refuses a
 config that reads a stage which has not run before it. A ``data.prepare`` stage writes its dataset under
-``<output_dir>/data/<stage>``, and later configs naming its committed ``dataset_path`` read it there. Every stage's resolved config, command, log, inputs, outputs
-and wall time are recorded in ``<output_dir>/pipeline.json``. A finished stage whose resolved config is unchanged is
-skipped, so an interrupted demo resumes where it stopped (``--fresh`` starts over).
+``<output_dir>/data/<stage>``, and later configs naming its committed ``dataset_path`` read it there. Every stage's
+resolved config, command, log, inputs, outputs and wall time are recorded in ``<output_dir>/pipeline.json``. A
+finished stage whose resolved config is unchanged is skipped, so an interrupted demo resumes where it stopped
+(``--fresh`` starts over).
+
+One script on purpose (about 640 lines): the stage runner, the claim kinds and the summary are read together when a
+claim changes, and nothing else imports them.
 """
 
 from __future__ import annotations

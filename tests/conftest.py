@@ -93,3 +93,51 @@ def user_error(capsys, call, *args, **kwargs) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
     assert len(lines) == 1, f"expected one error line, got {lines!r}"
     return lines[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: skipped with a reason on CPU machines, where their CPU twin runs instead."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; its CPU twin covers the same code path")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+TINY_WORLD_ORIGINAL = 64
+TINY_WORLD_TARGET = 4 * TINY_WORLD_ORIGINAL
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A saved tiny Llama with the byte tokenizer (window 64) under ``model``, four long documents of stdlib source
+    under ``docs`` (prepared documents) and eight 256-token training rows under ``rows`` (prepared packed data)."""
+    import datasets
+    import transformers
+
+    from longrope.corpus import build_byte_tokenizer, stdlib_documents
+    from longrope.data import save_dataset_atomically
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    tokenizer = build_byte_tokenizer()
+    torch.manual_seed(0)
+    config = tiny_config(
+        vocab_size=len(tokenizer),
+        head_dim=32,
+        max_position_embeddings=TINY_WORLD_ORIGINAL,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="sdpa",
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    length = TINY_WORLD_TARGET
+    texts = [d.text for d in stdlib_documents(max_files=40) if len(d.text) > 2 * length][:4]
+    docs = [tokenizer(text)["input_ids"][: 2 * length] for text in texts]
+    documents = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": docs})})
+    save_dataset_atomically(documents, root / "docs", {})
+    rows = [ids[:length] for ids in docs] * 2
+    packed = {"input_ids": rows, "position_ids": [list(range(length))] * len(rows)}
+    save_dataset_atomically(datasets.DatasetDict({"train": datasets.Dataset.from_dict(packed)}), root / "rows", {})
+    return root

@@ -375,3 +375,23 @@ def test_error_messages_are_one_line():
         with pytest.raises(LongRopeError) as info:
             call()
         assert os.linesep not in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["pi", "yarn", "longrope"])
+def test_cuda_angles_match_the_float64_reference(method):
+    """CPU twin: test_angles_are_exact_at_2048k_positions (the same module, on the CPU)."""
+    if method == "longrope":
+        factors = [1.0] + random_factors(PAPER_GEOMETRY, 600.0, seed=7)[1:]
+        scaling = rope.longrope_scaling(PAPER_GEOMETRY, PAPER_TARGET, factors)
+        inv_freq = PAPER_GEOMETRY.base_inv_freq().double() / torch.tensor(factors, dtype=torch.float64)
+    else:
+        scaling = rope.build_scaling(method, PAPER_GEOMETRY, PAPER_TARGET)
+        inv_freq = transformers_inv_freq(method, PAPER_TARGET)
+    module = rope.ScaledRotaryEmbedding(scaling)
+    x = torch.zeros(1, dtype=torch.bfloat16, device="cuda")
+    cos, _ = module(x, torch.tensor([PAPER_POSITIONS], device="cuda"))
+    assert cos.dtype == torch.bfloat16 and cos.device.type == "cuda"
+    expected = reference_cos(inv_freq, PAPER_POSITIONS, scaling.mscale)
+    # Only the final bf16 cast rounds (8 mantissa bits: at most 2^-8 relative, mscale <= 1.7).
+    assert (cos[0].double().cpu() - expected).abs().max().item() < 1e-2
