@@ -4,4 +4,8 @@ The package holds everything the three entry points (search.py, train.py, evalua
 no I/O and loads no model.
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+# The repository checkout the package runs from (configs, models and data/prepare.py live there).
+REPOSITORY = Path(__file__).resolve().parents[1]

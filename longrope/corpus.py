@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from longrope.errors import LongRopeError
 from longrope.io import atomic_write_json, atomic_write_text
 
@@ -246,36 +244,3 @@ def build_byte_tokenizer():
         split_special_tokens=True,
         clean_up_tokenization_spaces=False,
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Held-out windows of the embedded corpus
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def heldout_windows(
-    tokenizer: Any,
-    window_len: int = 256,
-    num_windows: int | None = 64,
-    split: str = "test",
-    root: str | os.PathLike | None = None,
-) -> np.ndarray:
-    """``[n, window_len]`` windows of a corpus split, each ``BOS`` + ``window_len - 1`` consecutive tokens.
-
-    The split's documents are joined with EOS (as in ``bookend="segment"`` training) and cut into consecutive
-    pieces; ``num_windows`` of them are taken evenly spaced over the whole split (all of them when None).
-    """
-    from longrope.data import require_bos_eos
-    from longrope.packing import document_stream
-
-    bos, eos = require_bos_eos(tokenizer)
-    documents = stdlib_documents(root, splits=[split])
-    token_lists = tokenizer([d.text for d in documents], add_special_tokens=False, split_special_tokens=True)
-    stream, _ = document_stream(token_lists["input_ids"], bos, eos, "segment")
-    body = window_len - 1
-    pieces = stream[: (stream.size // body) * body].reshape(-1, body)
-    if num_windows is not None:
-        if pieces.shape[0] < num_windows:
-            raise LongRopeError(f"num_windows: split '{split}' has {pieces.shape[0]} windows, {num_windows} asked")
-        pieces = pieces[np.linspace(0, pieces.shape[0] - 1, num_windows).round().astype(int)]
-    return np.concatenate((np.full((pieces.shape[0], 1), bos), pieces), axis=1)

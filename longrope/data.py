@@ -281,7 +281,7 @@ def prepare_hint(dataset_path: str | os.PathLike) -> str:
     """How to build ``dataset_path``: the committed data config that writes exactly that path, when one exists."""
     import yaml
 
-    from longrope.documents import REPOSITORY
+    from longrope import REPOSITORY
 
     wanted = os.path.normpath(str(dataset_path))
     for config in sorted((REPOSITORY / "configs").glob("*/*.yaml")):
@@ -292,3 +292,36 @@ def prepare_hint(dataset_path: str | os.PathLike) -> str:
         if isinstance(values, dict) and os.path.normpath(str(values.get("dataset_path", ""))) == wanted:
             return f"prepare it first: python -m data.prepare --config {config.relative_to(REPOSITORY)}"
     return f"prepare it first: python -m data.prepare --config <your data config> --dataset_path {dataset_path}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out windows of the embedded corpus
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def heldout_windows(
+    tokenizer: Any,
+    window_len: int = 256,
+    num_windows: int | None = 64,
+    split: str = "test",
+    root: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """``[n, window_len]`` windows of a corpus split, each ``BOS`` + ``window_len - 1`` consecutive tokens.
+
+    The split's documents are joined with EOS (as in ``bookend="segment"`` training) and cut into consecutive
+    pieces; ``num_windows`` of them are taken evenly spaced over the whole split (all of them when None).
+    """
+    from longrope.corpus import stdlib_documents
+    from longrope.packing import document_stream
+
+    bos, eos = require_bos_eos(tokenizer)
+    documents = stdlib_documents(root, splits=[split])
+    token_lists = tokenizer([d.text for d in documents], add_special_tokens=False, split_special_tokens=True)
+    stream, _ = document_stream(token_lists["input_ids"], bos, eos, "segment")
+    body = window_len - 1
+    pieces = stream[: (stream.size // body) * body].reshape(-1, body)
+    if num_windows is not None:
+        if pieces.shape[0] < num_windows:
+            raise LongRopeError(f"num_windows: split '{split}' has {pieces.shape[0]} windows, {num_windows} asked")
+        pieces = pieces[np.linspace(0, pieces.shape[0] - 1, num_windows).round().astype(int)]
+    return np.concatenate((np.full((pieces.shape[0], 1), bos), pieces), axis=1)

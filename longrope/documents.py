@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from longrope import distributed
+from longrope import REPOSITORY, distributed
 from longrope.errors import LongRopeError
-
-REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def ensure_prepared(path: str, prepare_config: str | None) -> None:

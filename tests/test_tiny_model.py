@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from longrope import corpus
+from longrope import corpus, data
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "tiny"
 TRAINING_LENGTH = 256
@@ -40,7 +40,7 @@ def test_committed_model_is_a_small_stock_llama_at_256(model_and_tokenizer):
 
 def test_heldout_perplexity_at_the_training_length(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    windows = torch.from_numpy(corpus.heldout_windows(tokenizer, TRAINING_LENGTH, num_windows=64)).long()
+    windows = torch.from_numpy(data.heldout_windows(tokenizer, TRAINING_LENGTH, num_windows=64)).long()
     assert windows.shape == (64, TRAINING_LENGTH) and (windows[:, 0] == tokenizer.bos_token_id).all()
     assert (windows[:, 1:] != tokenizer.bos_token_id).all() and (windows[:, 1:] <= tokenizer.eos_token_id).all()
     with torch.no_grad():
@@ -53,7 +53,7 @@ def test_heldout_perplexity_at_the_training_length(model_and_tokenizer):
 
 def test_heldout_windows_are_consecutive_slices_of_the_test_split():
     tokenizer = corpus.build_byte_tokenizer()
-    windows = corpus.heldout_windows(tokenizer, 64, num_windows=None)
+    windows = data.heldout_windows(tokenizer, 64, num_windows=None)
     stream: list[int] = []
     for document in corpus.stdlib_documents(splits=["test"]):
         stream += [*document.text.encode("utf-8"), tokenizer.eos_token_id]
@@ -61,4 +61,4 @@ def test_heldout_windows_are_consecutive_slices_of_the_test_split():
     assert bodies == stream[: len(bodies)] and len(stream) - len(bodies) < 63
     assert (windows[:, 0] == tokenizer.bos_token_id).all()
     chosen = np.linspace(0, len(windows) - 1, 5).round().astype(int)
-    assert corpus.heldout_windows(tokenizer, 64, num_windows=5).tolist() == windows[chosen].tolist()
+    assert data.heldout_windows(tokenizer, 64, num_windows=5).tolist() == windows[chosen].tolist()
