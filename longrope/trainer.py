@@ -10,7 +10,6 @@ hold the fully trained modules, and Ulysses data loading that survives epochs an
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,8 +25,6 @@ from longrope.loss import chunked_nll
 from longrope.memory_options import activation_offload_context
 from longrope.rope_config import ResolvedRope
 from longrope.throughput import ThroughputCallback
-
-logger = logging.getLogger(__name__)
 
 
 class LongContextTrainer(Trainer):
@@ -183,22 +180,6 @@ class FactorsCopyCallback(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
                 write_factors_copy(self.resolved, checkpoint)
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-<step>`` folder of ``output_dir`` that the Trainer finished writing, or None.
-
-    trainer_state.json is the last file a checkpoint receives, and without it the Trainer would restart at step 0
-    with the checkpoint's weights; a newer folder lacking it (the run was killed while saving) is passed over.
-    """
-    from transformers.trainer import TRAINER_STATE_NAME
-    from transformers.trainer_utils import sort_checkpoints
-
-    for path in reversed(sort_checkpoints(str(output_dir))):  # by step number, newest first
-        if (Path(path) / TRAINER_STATE_NAME).is_file():
-            return path
-        logger.warning("%s has no %s (killed while saving?); an older checkpoint is used", path, TRAINER_STATE_NAME)
-    return None
 
 
 def log_factors_artifact(report_to: Any, resolved: ResolvedRope | None) -> None:
