@@ -345,4 +345,4 @@ def test_second_stage_seeds_from_factors_above_their_scale_fit_the_new_space(wor
     search = EvolutionSearch(evolution, seeds)  # accepted
     stretched = seeds["finetuned_stretched"].factors
     assert max(stretched) == evolution.space.factor_max and list(stretched) == sorted(stretched)
-    assert search is not None
+    assert [candidate.key for candidate in search.ask()] == [search.project(seed).key for seed in seeds.values()]
