@@ -1248,6 +1248,7 @@ class GpuCheck:
                 sections[name] = planners[name]()
             except Exception as error:  # noqa: BLE001 - e.g. an older transformers: say so, run the other sections
                 self.notes.append(f"{name}: not run, its set-up failed: {first_line(error)[:300]}")
+                self.numerics_model = None if name == "numerics" else self.numerics_model
         if self.reference_cells:
             # Attention runs at about a third of the matmul rate on CPU (measured on this project's 2-core machine).
             reference_costs = CostModel(0.0, 0.3 * self.env["cpu_matmul"]["flops_per_s"])
@@ -1258,11 +1259,10 @@ class GpuCheck:
                 daemon=True,
             )
             lane.start()
-        for cells in sections.values():
-            self.cells.extend(cells)
         costs = self.main_costs()
         for cells in sections.values():
             cells.sort(key=costs.estimate)  # smallest first: each cell's time refines the next one's estimate
+            self.cells.extend(cells)  # the report lists them in the order they run
         order = list(sections)
         for index, name in enumerate(order):
             later = [cell for other in order[index + 1 :] for cell in sections[other]]
