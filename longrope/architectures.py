@@ -13,8 +13,8 @@ from typing import Any
 
 from longrope.errors import LongRopeError
 
-# Architecture keys of the models the shipped recipes fine-tune, so a dry run builds them offline and the memory
-# estimate sizes them (from the models' published config.json). A dry run keeps heads, head_dim and rope settings
+# Architecture keys of the models the shipped recipes fine-tune (and of the ~1B model the GPU check trains), so a dry
+# run builds them offline and the memory estimate sizes them (from the models' published config.json). A dry run keeps heads, head_dim and rope settings
 # real and shrinks the rest (dry_run_config).
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "meta-llama/Llama-2-7b-hf": {
@@ -28,6 +28,28 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "head_dim": 128,
         "max_position_embeddings": 4096,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+    # Not fine-tuned by a shipped recipe: the ~1B shape of benchmarks/gpu_check.py (numerics and training on one
+    # GPU). Its published rope_scaling (llama3) keeps the 8k pre-training window as original_max_position_embeddings.
+    "meta-llama/Llama-3.2-1B": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "vocab_size": 128256,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": True,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     },
     "mistralai/Mistral-7B-v0.1": {
         "model_type": "mistral",

@@ -218,7 +218,9 @@ def _transformers_inv_freq(
         max_position_embeddings=max_position_embeddings,
         rope_parameters={"rope_theta": geometry.rope_theta, **rope_parameters},
     )
-    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, "cpu", seq_len=seq_len)
+    # On the CPU whatever default device the caller set (a model built with `with torch.device("cuda")`).
+    with torch.device("cpu"):
+        inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, "cpu", seq_len=seq_len)
     return inv_freq.float(), float(attention_factor)
 
 
@@ -482,7 +484,8 @@ class ScaledRotaryEmbedding(nn.Module):
         self._device_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def _inv_freq(self, factors: Sequence[float]) -> torch.Tensor:
-        return self._base_inv_freq / torch.tensor(factors, dtype=torch.float64)
+        # On the CPU like the base frequencies, also under another default device; forward moves them.
+        return self._base_inv_freq / torch.tensor(factors, dtype=torch.float64, device=self._base_inv_freq.device)
 
     def _on(self, name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         key = (name, device)

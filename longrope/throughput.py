@@ -18,8 +18,23 @@ def count_parameters(model: Any) -> int:
     return sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters())
 
 
-# Dense bf16 peak FLOP/s per device, for the MFU estimate when peak_flops is not set.
-PEAK_FLOPS_BY_DEVICE = {"H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
+# Dense bf16 peak FLOP/s per device (vendor datasheets), for the MFU estimate when peak_flops is not set. The first
+# key contained in the device name wins, so a key that is part of another ("L4" of "L40S") comes after it. H200 and
+# GH200 are the H100's Hopper chip: the same dense bf16 rate.
+PEAK_FLOPS_BY_DEVICE = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "V100": 125e12,
+}
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a device by its name (``torch.cuda.get_device_name()``); None when not in the table."""
+    return next((flops for key, flops in PEAK_FLOPS_BY_DEVICE.items() if key in device_name), None)
 
 
 def device_peak_flops() -> float | None:
@@ -27,8 +42,7 @@ def device_peak_flops() -> float | None:
 
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_FLOPS_BY_DEVICE.items() if key in name), None)
+    return peak_flops_for(torch.cuda.get_device_name())
 
 
 def reset_peak_memory() -> None:

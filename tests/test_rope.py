@@ -210,6 +210,20 @@ def test_precision_stays_fp32_after_casting_the_model():
     torch.testing.assert_close(cos.float(), reference, atol=8e-3, rtol=0)
 
 
+def test_rope_installs_under_a_default_device_context():
+    """A GPU run creates its weights on the GPU (``with torch.device("cuda")``, as benchmarks/gpu_check.py builds
+    through prepare_model); the float64 tables stay on the CPU and forward moves them. The meta device stands in for
+    the GPU: a default device that is not the CPU (the gpu test below is the real one)."""
+    geometry = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
+    scaling = rope.longrope_scaling(geometry, TARGET, random_factors(geometry, 4.0, seed=3), [1.0] * 16)
+    with torch.device("meta"):
+        module = rope.ScaledRotaryEmbedding(scaling)
+    reference = rope.ScaledRotaryEmbedding(scaling)
+    for length in (ORIGINAL_LENGTH, TARGET):  # the short and the long set
+        positions = torch.arange(length)[None]
+        torch.testing.assert_close(module(torch.zeros(1), positions), reference(torch.zeros(1), positions))
+
+
 def _sharded_worker(rank: int, world_size: int, port: int, results):
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
@@ -395,3 +409,20 @@ def test_cuda_angles_match_the_float64_reference(method):
     expected = reference_cos(inv_freq, PAPER_POSITIONS, scaling.mscale)
     # Only the final bf16 cast rounds (8 mantissa bits: at most 2^-8 relative, mscale <= 1.7).
     assert (cos[0].double().cpu() - expected).abs().max().item() < 1e-2
+
+
+@pytest.mark.gpu
+def test_rope_installs_into_a_model_built_on_the_gpu():
+    """CPU twin: test_rope_installs_under_a_default_device_context (the meta device stands in for the GPU)."""
+    config = tiny_config("llama", attn_implementation="sdpa")
+    geometry = rope.RopeGeometry.from_config(config)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        rope.install(model, rope.yarn_scaling(geometry, TARGET))
+    on_cpu = copy.deepcopy(model).cpu()
+    input_ids = torch.randint(0, config.vocab_size, (1, TARGET))
+    with torch.no_grad():
+        expected = on_cpu(input_ids=input_ids).logits
+        got = model(input_ids=input_ids.cuda()).logits.cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
