@@ -413,7 +413,9 @@ class SourceSpec:
     """One corpus: a hub dataset name, a local file / glob / folder (txt, jsonl, parquet), or ``python-stdlib``.
 
     A txt file is one document. ``split`` names the hub split (``"train[:1000]"`` slicing works) or, for
-    ``python-stdlib``, one of ``train`` / ``search`` / ``test``; it is ignored for local files.
+    ``python-stdlib``, one of ``train`` / ``search`` / ``test``; it is ignored for local files and ``python-docs``.
+    ``group_min_chars`` joins consecutive documents (in their order: neighbouring stdlib modules, neighbouring doc
+    topics) until each holds that many characters, so short files make long documents.
     """
 
     path: str
@@ -422,6 +424,7 @@ class SourceSpec:
     text_field: str = "text"
     revision: str | None = None
     max_documents: int | None = None
+    group_min_chars: int | None = None
 
     @classmethod
     def from_config(cls, value: Any, where: str = "sources") -> SourceSpec:
@@ -440,6 +443,8 @@ class SourceSpec:
             raise LongRopeError(
                 f"{where}: 'path' is required (a hub dataset name, a local file/glob/folder or {STDLIB_SOURCE})"
             )
+        for key in ("max_documents", "group_min_chars"):
+            require_positive_int(f"{where}.{key}", value.get(key), allow_none=True)
         return cls(**value)
 
 
@@ -450,8 +455,9 @@ class DataArguments(DocumentChoiceArguments):
     sources: list[SourceSpec] = field(
         default_factory=list,
         metadata={
-            "help": "Corpora: hub dataset names, local files/globs/folders (txt, jsonl, parquet) or python-stdlib. In "
-            "YAML each item may be a mapping: path, name, split, text_field, revision, max_documents."
+            "help": "Corpora: hub dataset names, local files/globs/folders (txt, jsonl, parquet), python-stdlib or "
+            "python-docs. In YAML each item may be a mapping: path, name, split, text_field, revision, max_documents, "
+            "group_min_chars."
         },
     )
     dataset_path: str | None = field(

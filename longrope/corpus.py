@@ -6,6 +6,9 @@ path, so a file keeps its split when other files appear. Long documents (>= ``LO
 byte-level tokenizer turns into as many tokens) use larger search/test shares than short ones, so both evaluation
 splits hold enough long documents for search and perplexity at 64x the tiny model's window.
 
+``python-docs`` (``build_python_docs``) is the other text every machine has: the Python documentation's topic texts
+that pydoc ships, English prose, for models that read English (a real pretrained model, not the byte model).
+
 The byte-level tokenizer (``build_byte_tokenizer``): token id ``b`` is byte ``b`` (0..255), then ``<s>`` (256),
 ``</s>`` (257), ``<pad>`` (258). Like Llama's, it prepends BOS when asked for special tokens and never adds EOS;
 literal ``"<s>"`` in text stays text (``split_special_tokens``), so any text round-trips exactly.
@@ -34,6 +37,8 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 
 STDLIB_SOURCE = "python-stdlib"
+# English prose every machine has: the Python documentation's topic texts that pydoc ships (pydoc_data.topics).
+DOCS_SOURCE = "python-docs"
 STDLIB_SPLITS = ("train", "search", "test")
 LONG_DOCUMENT_TOKENS = 16384
 MIN_LONG_DOCUMENTS_PER_EVAL_SPLIT = 20
@@ -208,6 +213,20 @@ def build_stdlib_corpus(
         atomic_write_text(output_dir / f"{split}.jsonl", "".join(line + "\n" for line in lines))
     atomic_write_json(summary_path, summary)
     return summary
+
+
+def build_python_docs(output_dir: str | os.PathLike = DEFAULT_CORPUS_DIR) -> Path:
+    """Write the interpreter's pydoc topic texts (English prose from the Python documentation) as
+    ``python-docs.jsonl`` (fields ``path``: the topic, ``text``), in topic order; rewritten only when they changed.
+
+    Nothing searches or trains on it in the shipped configs, so it is held out by construction (no split)."""
+    from pydoc_data.topics import topics
+
+    path = Path(output_dir) / f"{DOCS_SOURCE}.jsonl"
+    text = "".join(json.dumps({"path": name, "text": topics[name]}) + "\n" for name in sorted(topics))
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -126,4 +126,9 @@ def staging_directory(target: str | os.PathLike) -> Path:
     """A new hidden folder beside ``target`` to build its replacement in (same filesystem, so the swap is atomic)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    # mkdtemp creates 0700 folders; give the result the permissions a plain mkdir would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    return staging

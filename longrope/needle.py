@@ -82,13 +82,13 @@ def _split_question_and_answer(tokenizer: Any, question: str, answer: str) -> tu
     return together, len(together) - shared
 
 
-def needle_overhead(tokenizer: Any, key: str, value: int, *, prepend_bos: bool = True) -> int:
+def needle_overhead(tokenizer: Any, key: str, value: int, *, prepend_bos: bool | None = None) -> int:
     """Tokens of a needle sample other than the document text (intro, needle, question, answer)."""
     head, tail, _ = _needle_pieces(tokenizer, key, value, prepend_bos)
     return len(head) + len(tail)
 
 
-def _needle_pieces(tokenizer: Any, key: str, value: int, prepend_bos: bool) -> tuple[list[int], list[int], int]:
+def _needle_pieces(tokenizer: Any, key: str, value: int, prepend_bos: bool | None) -> tuple[list[int], list[int], int]:
     head = bos_prefix(tokenizer, prepend_bos) + encode(
         tokenizer, NEEDLE_INTRO + "\n" + NEEDLE_LINE.format(key=key, value=value) + "\n"
     )
@@ -103,7 +103,7 @@ def build_needle_sample(
     *,
     key: str,
     value: int,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
 ) -> NeedleSample:
     """[BOS] intro, needle line, the first document tokens that fit, the question, then the answer " {value}".
 
@@ -173,7 +173,7 @@ def needle_perplexity(
     lengths: Sequence[int],
     *,
     seed: int = 0,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
     loss_chunk_size: int | None = DEFAULT_LOSS_CHUNK_SIZE,
     progress: bool = False,
     sequence_parallel_group: Any = None,

@@ -27,7 +27,12 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def bos_prefix(tokenizer: Any, prepend_bos: bool) -> list[int]:
+def bos_prefix(tokenizer: Any, prepend_bos: bool | None = None) -> list[int]:
+    """The tokens a prompt starts with. None (the default): whatever the tokenizer itself puts before a text (Llama's
+    and the tiny model's add BOS; SmolLM2's, whose BOS is the chat-turn marker ``<|im_start|>``, add nothing), so a
+    prompt reads as the model's own inputs do. True / False force the tokenizer's BOS on or off."""
+    if prepend_bos is None:
+        return list(tokenizer("", add_special_tokens=True)["input_ids"])
     bos = getattr(tokenizer, "bos_token_id", None)
     return [bos] if prepend_bos and bos is not None else []
 
@@ -92,13 +97,13 @@ def _passkey_parts(key: int, depth: float, filler_words: int) -> tuple[str, str]
     return head, head + "\n".join(lines_after)
 
 
-def passkey_min_length(tokenizer: Any, key: int = 99999, *, prepend_bos: bool = True) -> int:
+def passkey_min_length(tokenizer: Any, key: int = 99999, *, prepend_bos: bool | None = None) -> int:
     """Tokens in a prompt with no filler at all (intro, key line, question): the shortest length that fits."""
     return len(bos_prefix(tokenizer, prepend_bos)) + len(encode(tokenizer, _passkey_parts(key, 0.0, 0)[1]))
 
 
 def build_passkey_prompt(
-    tokenizer: Any, length: int, depth: float, key: int, *, prepend_bos: bool = True
+    tokenizer: Any, length: int, depth: float, key: int, *, prepend_bos: bool | None = None
 ) -> PasskeyPrompt:
     """The passkey prompt with as much filler as fits in ``length`` tokens, the key line at ``depth`` of the filler.
 
@@ -221,7 +226,9 @@ class PasskeyReport:
         }
 
 
-def _cell_prompt(tokenizer: Any, seed: int, length: int, depth: float, trial: int, prepend_bos: bool) -> PasskeyPrompt:
+def _cell_prompt(
+    tokenizer: Any, seed: int, length: int, depth: float, trial: int, prepend_bos: bool | None
+) -> PasskeyPrompt:
     key = passkey_key(seed, length, depth, trial)
     return build_passkey_prompt(tokenizer, length, depth, key, prepend_bos=prepend_bos)
 
@@ -235,7 +242,7 @@ def passkey_retrieval(
     trials: int = 10,
     seed: int = 0,
     max_new_tokens: int = 8,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
     progress: bool = False,
 ) -> PasskeyReport:
     """Passkey accuracy over a lengths x depths grid, ``trials`` seeded random keys per cell, greedy decoding.

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from longrope.args import SourceSpec
-from longrope.corpus import DEFAULT_CORPUS_DIR, STDLIB_SOURCE, STDLIB_SPLITS, build_stdlib_corpus
+from longrope.corpus import (
+    DEFAULT_CORPUS_DIR,
+    DOCS_SOURCE,
+    STDLIB_SOURCE,
+    STDLIB_SPLITS,
+    build_python_docs,
+    build_stdlib_corpus,
+)
 from longrope.errors import LongRopeError
 from longrope.io import sha256_file
 
@@ -89,6 +96,8 @@ def load_source(
             )
         build_stdlib_corpus(corpus_dir)
         files, builder = [str(Path(corpus_dir) / f"{spec.split}.jsonl")], "json"
+    elif spec.path == DOCS_SOURCE:
+        files, builder = [str(build_python_docs(corpus_dir))], "json"
     else:
         files = resolve_local_files(spec.path)
         builder = _local_builder(files, spec.path) if files is not None else None
@@ -125,7 +134,24 @@ def load_source(
         dataset = dataset.rename_column(spec.text_field, "text")
     if spec.max_documents is not None:
         dataset = dataset.select(range(min(spec.max_documents, len(dataset))))
+    if spec.group_min_chars is not None:
+        dataset = datasets.Dataset.from_dict({"text": group_texts(dataset["text"], spec.group_min_chars)})
     return dataset
+
+
+def group_texts(texts: Sequence[str], min_chars: int) -> list[str]:
+    """Consecutive texts joined (by a blank line) until each group holds ``min_chars`` characters; the last group may
+    be shorter."""
+    groups, current, size = [], [], 0
+    for text in texts:
+        current.append(text)
+        size += len(text)
+        if size >= min_chars:
+            groups.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        groups.append("\n\n".join(current))
+    return groups
 
 
 def load_sources(
@@ -150,6 +176,8 @@ def describe_sources(
         entry: dict[str, Any] = asdict(spec)
         if spec.path == STDLIB_SOURCE:
             files = [str(Path(corpus_dir) / f"{spec.split}.jsonl")]
+        elif spec.path == DOCS_SOURCE:
+            files = [str(Path(corpus_dir) / f"{DOCS_SOURCE}.jsonl")]
         else:
             files = resolve_local_files(spec.path)
         if files is not None:

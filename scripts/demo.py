@@ -47,6 +47,7 @@ from longrope.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = "configs/tiny/demo.yaml"
+# Where the committed configs of the tiny demo chain their stages (another pipeline file names its own chain_prefix).
 CHAIN_PREFIX = "outputs/tiny/"
 ENTRIES = ("data.prepare", "search.py", "train.py", "evaluate.py")
 
@@ -89,6 +90,7 @@ class Demo:
     claims: tuple[dict[str, Any], ...] = ()
     plot: tuple[dict[str, Any], ...] = ()
     original: int | None = None  # the base model's pre-training window
+    chain_prefix: str = CHAIN_PREFIX  # every stage's committed output is <chain_prefix><stage name>
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def load_demo(path: str | Path = DEMO_CONFIG) -> Demo:
     if not path.is_file():
         raise LongRopeError(f"config: {path} not found")
     raw = yaml.safe_load(path.read_text()) or {}
-    _require_keys(path.name, raw, {"base_model", "stages", "profiles", "claims"}, {"plot"})
+    _require_keys(path.name, raw, {"base_model", "stages", "profiles", "claims"}, {"plot", "chain_prefix"})
     stages = []
     for index, item in enumerate(raw["stages"] or []):
         where = f"{path.name} stages[{index}]"
@@ -232,7 +234,8 @@ def load_demo(path: str | Path = DEMO_CONFIG) -> Demo:
         where = f"{path.name} plot[{index}]"
         _require_keys(where, panel, {"title", "stages"})
         _require_keys(f"{where}.stages", panel["stages"], set(), set(methods))  # evaluate.py stages only
-    return Demo(tuple(stages), profiles, tuple(claims), tuple(plot), original)
+    chain_prefix = str(raw.get("chain_prefix", CHAIN_PREFIX)).rstrip("/") + "/"
+    return Demo(tuple(stages), profiles, tuple(claims), tuple(plot), original, chain_prefix)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,7 +261,9 @@ class ResolvedStage:
     reads: list[str]  # earlier stages' files it reads, relative to the demo's output directory
 
 
-def resolve_stage(stage: Stage, output_dir: Path, overrides: dict[str, Any], links: dict[str, str]) -> ResolvedStage:
+def resolve_stage(
+    stage: Stage, output_dir: Path, overrides: dict[str, Any], links: dict[str, str], prefix: str = CHAIN_PREFIX
+) -> ResolvedStage:
     """The config ``stage`` runs with: the committed YAML, chained into ``output_dir``, plus the profile's overrides.
 
     ``links`` maps the committed output path of each earlier stage to its directory relative to ``output_dir``.
@@ -268,10 +273,10 @@ def resolve_stage(stage: Stage, output_dir: Path, overrides: dict[str, Any], lin
     raw = _committed_config(stage)
     committed = raw.get(stage.output_key)
     committed_output = str(Path(committed)) if isinstance(committed, str) and committed else None
-    if stage.entry != "data.prepare" and committed_output != CHAIN_PREFIX + stage.name:
+    if stage.entry != "data.prepare" and committed_output != prefix + stage.name:
         raise LongRopeError(
             f"stage {stage.name}: {stage.config} writes to {raw.get(stage.output_key)!r}; set {stage.output_key}: "
-            f"{CHAIN_PREFIX}{stage.name} so later stages find its files"
+            f"{prefix}{stage.name} so later stages find its files"
         )
     reads: list[str] = []
 
@@ -286,8 +291,8 @@ def resolve_stage(stage: Stage, output_dir: Path, overrides: dict[str, Any], lin
             if value == committed or value.startswith(committed + "/"):
                 reads.append(relative + value[len(committed) :])
                 return str(output_dir / reads[-1])
-        if value.startswith(CHAIN_PREFIX):
-            source = value[len(CHAIN_PREFIX) :].split("/", 1)[0]
+        if value.startswith(prefix):
+            source = value[len(prefix) :].split("/", 1)[0]
             raise LongRopeError(
                 f"stage {stage.name}: {stage.config} reads {value}, but stage {source!r} does not run before it; "
                 "reorder the stages or fix the path"
@@ -305,7 +310,7 @@ def resolve_stages(demo: Demo, output_dir: Path, profile: str) -> dict[str, Reso
     resolved: dict[str, ResolvedStage] = {}
     links: dict[str, str] = {}
     for stage in demo.stages:
-        entry = resolve_stage(stage, output_dir, demo.profiles[profile].get(stage.name, {}), links)
+        entry = resolve_stage(stage, output_dir, demo.profiles[profile].get(stage.name, {}), links, demo.chain_prefix)
         resolved[stage.name] = entry
         if entry.committed_output:
             links[entry.committed_output] = stage.relative_output

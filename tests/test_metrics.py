@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 from conftest import tiny_config
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from longrope import needle, passkey, perplexity
@@ -43,12 +43,22 @@ def model() -> LlamaForCausalLM:
     return _tiny_llama()
 
 
+def _adds_bos(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Like Llama's tokenizer, put BOS before every encoded text (the prompts follow what the tokenizer does)."""
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return tokenizer
+
+
 def _byte_tokenizer() -> PreTrainedTokenizerFast:
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return _adds_bos(fast)
 
 
 def _merging_tokenizer() -> PreTrainedTokenizerFast:
@@ -61,7 +71,7 @@ def _merging_tokenizer() -> PreTrainedTokenizerFast:
     )
     corpus = [passkey.PASSKEY_INTRO, passkey.PASSKEY_FILLER * 20, passkey.PASSKEY_NEEDLE, passkey.PASSKEY_QUESTION]
     backend.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    return _adds_bos(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>"))
 
 
 @pytest.fixture(scope="module")
