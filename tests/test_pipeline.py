@@ -75,6 +75,22 @@ def test_every_shipped_stage_chains_only_backwards():
         assert resolved[name].config["dataset_path"] == "/x/data/pretrain-2048"
 
 
+def test_the_smollm2_pipeline_chains_through_its_own_prefix():
+    shipped = demo.load_demo(ROOT / "configs/smollm2-135m/pipeline.yaml")
+    assert shipped.chain_prefix == "outputs/smollm2/"
+    resolved = demo.resolve_stages(shipped, Path("/x"), "demo")
+    assert list(resolved) == [stage.name for stage in shipped.stages]
+    for name in ("eval-16k", "eval-32k", "eval-passkey"):
+        searched = [m for m in resolved[name].config["methods"] if isinstance(m, dict)]
+        assert [m["rope_factors_path"] for m in searched] == ["/x/search-16k/factors.json"]
+        held_out = [] if name == "eval-passkey" else ["data/data-test"]  # the data-test stage's documents
+        assert sorted(resolved[name].reads) == [*held_out, "search-16k/factors.json"]
+    # Under another pipeline's prefix the same stages are refused: they write outside its chain.
+    tiny_prefix = demo.Demo(shipped.stages, shipped.profiles, chain_prefix=demo.CHAIN_PREFIX)
+    with pytest.raises(LongRopeError, match="set output_dir: outputs/tiny/search-16k"):
+        demo.resolve_stages(tiny_prefix, Path("/x"), "demo")
+
+
 def _demo_file(tmp_path: Path, edit) -> Path:
     """configs/tiny/demo.yaml with ``edit`` applied to its data, written under ``tmp_path``."""
     data = yaml.safe_load((ROOT / demo.DEMO_CONFIG).read_text())
