@@ -25,17 +25,20 @@ import json
 import logging
 import sys
 
-from longrope.args import DataArguments, PrepareArguments, TokenizerArguments
+from longrope.args import DataArguments, PrepareArguments, RetrievalMixArguments, TokenizerArguments
 from longrope.config_parser import parse_config, resolved_config
 from longrope.errors import LongRopeError, exit_on_user_error
 
 # The dataclasses behind this script's config keys (tests parse every shipped config with them).
-CONFIG_KEYS = (TokenizerArguments, DataArguments, PrepareArguments)
+CONFIG_KEYS = (TokenizerArguments, DataArguments, RetrievalMixArguments, PrepareArguments)
 logger = logging.getLogger("prepare")
 
 
 def prepare(
-    data_args: DataArguments, tokenizer_args: TokenizerArguments, prepare_args: PrepareArguments | None = None
+    data_args: DataArguments,
+    tokenizer_args: TokenizerArguments,
+    prepare_args: PrepareArguments | None = None,
+    mix_args: RetrievalMixArguments | None = None,
 ) -> dict:
     """Run the preparation described by ``data_args``; returns the summary that is also saved with the dataset."""
     from longrope.corpus import build_byte_tokenizer
@@ -55,10 +58,13 @@ def prepare(
     check_dataset_path(data_args.dataset_path)  # before any work: a user's folder is never replaced
 
     tokenizer = load_tokenizer(tokenizer_args.tokenizer_name_or_path)
-    dataset, counts = prepare_dataset(data_args, tokenizer)
+    mix_args = mix_args or RetrievalMixArguments()
+    if mix_args.retrieval_fraction and data_args.output_format != "packed":
+        raise LongRopeError("retrieval_fraction: retrieval rows are mixed into packed output only; set 0 here")
+    dataset, counts = prepare_dataset(data_args, tokenizer, mix_args)
     summary = {
         **counts,
-        "config": resolved_config(tokenizer_args, data_args),
+        "config": resolved_config(tokenizer_args, data_args, mix_args),
         "inputs": describe_sources(data_args.sources, data_args.corpus_dir),
         "tokenizer": {"name_or_path": tokenizer_args.tokenizer_name_or_path, "vocab_size": len(tokenizer)},
     }
@@ -69,10 +75,8 @@ def prepare(
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with exit_on_user_error("prepare.py"):
-        tokenizer_args, data_args, prepare_args = parse_config(
-            (TokenizerArguments, DataArguments, PrepareArguments), argv
-        )
-        summary = prepare(data_args, tokenizer_args, prepare_args)
+        tokenizer_args, data_args, mix_args, prepare_args = parse_config(CONFIG_KEYS, argv)
+        summary = prepare(data_args, tokenizer_args, prepare_args, mix_args)
     if "splits" in summary:
         print(
             json.dumps(

@@ -19,6 +19,9 @@ DocumentChoiceArguments    num_documents, document_seed                         
 DocumentsArguments         documents_path, documents_prepare_config (+ choice)   search, evaluate
 OutputArguments            output_dir                                            search, evaluate, export
 TrackingArguments          report_to, run_name                                   search, evaluate
+RetrievalTemplateArguments retrieval_template                                    search, evaluate, prepare
+RetrievalArguments         retrieval_tasks (+ template)                          evaluate
+RetrievalMixArguments      retrieval_fraction (+ tasks, template)                prepare
 DataArguments              sources, dataset_path, max_seq_len, ...               prepare, train
 ========================== ===================================================== ================================
 
@@ -57,6 +60,10 @@ RENAMED_KEYS = {
     "method": "rope_method",
     "beta_fast": "yarn_beta_fast",
     "beta_slow": "yarn_beta_slow",
+    # The passkey is one task of the retrieval suite, which shares its grid.
+    "passkey_lengths": "retrieval_lengths",
+    "passkey_depths": "retrieval_depths",
+    "passkey_trials": "retrieval_trials",
 }
 
 
@@ -402,6 +409,66 @@ class TrackingArguments(KeyGroup):
         super().__post_init__()
         if self.report_to not in REPORT_TO:
             raise LongRopeError(f"report_to: {self.report_to!r} is not one of {', '.join(REPORT_TO)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Retrieval prompts
+
+
+@dataclass
+class RetrievalTemplateArguments(KeyGroup):
+    """How retrieval prompts are worded (longrope/retrieval.py): for evaluation, the needle fitness and training."""
+
+    retrieval_template: str = field(
+        default="paper",
+        metadata={
+            "help": "paper: the papers' English prompts (passkey, 'special magic number' needles). code: the same "
+            "tasks as Python (`amber_falcon = 4412913` ... `assert amber_falcon ==`) for code models."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from longrope import retrieval
+
+        retrieval.template(self.retrieval_template)
+
+
+@dataclass
+class RetrievalArguments(RetrievalTemplateArguments):
+    """Which retrieval tasks evaluate.py runs, or data/prepare.py mixes into training rows."""
+
+    retrieval_tasks: list[str] = field(
+        default_factory=lambda: ["passkey"],
+        metadata={
+            "help": "Any of passkey, niah_single, niah_multikey, niah_multivalue, niah_multiquery, variable_tracking."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from longrope import retrieval
+
+        if not self.retrieval_tasks:
+            raise LongRopeError("retrieval_tasks: empty; list at least one task (e.g. passkey)")
+        retrieval.check_tasks(self.retrieval_tasks)
+
+
+@dataclass
+class RetrievalMixArguments(RetrievalArguments):
+    """Retrieval rows mixed into packed training data (data/prepare.py): each a whole segment of max_seq_len tokens,
+    a sample of one of retrieval_tasks with its answer, hidden in text of the same split, keys from the training
+    part of the key space (evaluation keys never appear)."""
+
+    retrieval_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Share of the train split's rows that are retrieval rows (0: none; validation: never)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.retrieval_fraction, bool) or not 0.0 <= self.retrieval_fraction < 1.0:
+            raise LongRopeError(f"retrieval_fraction: {self.retrieval_fraction!r} must be in [0, 1)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

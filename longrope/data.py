@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ from longrope.sources import load_sources
 if TYPE_CHECKING:
     import datasets
 
-    from longrope.args import DataArguments
+    from longrope.args import DataArguments, RetrievalMixArguments
 
 __all__ = ["PackedCollator"]  # re-exported: train.py's collator lives with the packing it undoes
 
@@ -168,12 +169,60 @@ def _count_tokens(dataset: datasets.Dataset | None) -> int:
     return int(np.sum(np.asarray(dataset["num_tokens"], dtype=np.int64)))
 
 
-def prepare_dataset(settings: DataArguments, tokenizer: Any) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+def retrieval_rows(
+    documents: Sequence[Sequence[int]],
+    count: int,
+    seq_len: int,
+    tokenizer: Any,
+    eos: int,
+    mix: RetrievalMixArguments,
+    seed: int,
+) -> dict[str, list[list[int]]]:
+    """``count`` whole-segment retrieval rows, BOS ... answer EOS: a task of ``mix.retrieval_tasks`` each, its
+    needle at a uniform depth, hidden in a window of ``documents`` (the split's own text), keys and values from the
+    training part of their spaces."""
+    from longrope import retrieval
+
+    words = retrieval.template(mix.retrieval_template)
+    minimum = max(
+        retrieval.minimum_length(tokenizer, task, words, with_answer=True, prepend_bos=True)
+        for task in mix.retrieval_tasks
+    )
+    if seq_len - 1 < minimum:
+        raise LongRopeError(
+            f"retrieval_tasks: a {seq_len}-token row cannot hold every task's {words.name} template (about {minimum} "
+            "tokens with this tokenizer); raise max_seq_len or drop tasks"
+        )
+    haystack = retrieval.Haystack(tokenizer, documents)
+    rng = random.Random(f"retrieval-rows/{seed}")
+    rows = []
+    for _ in range(count):
+        task = rng.choice(mix.retrieval_tasks)
+        sample = retrieval.build_sample(
+            tokenizer,
+            task,
+            seq_len - 1,
+            rng.random(),
+            rng,
+            words=words,
+            haystack=haystack,
+            heldout=False,
+            with_answer=True,
+            prepend_bos=True,
+        )
+        rows.append(sample.with_answer + [eos])
+    return {"input_ids": rows, "position_ids": [list(range(seq_len))] * count}
+
+
+def prepare_dataset(
+    settings: DataArguments, tokenizer: Any, mix: RetrievalMixArguments | None = None
+) -> tuple[datasets.DatasetDict, dict[str, Any]]:
     """Load, tokenize, filter, split and pack (or truncate) per ``settings``; returns (DatasetDict, summary).
 
     Packed output has a ``train`` split (and ``validation`` when ``validation_fraction > 0``) with ``input_ids`` and
     ``position_ids``; documents output has one ``documents`` split with ``input_ids`` (cut to ``max_seq_len``) and
-    ``num_tokens`` (the whole document's). A split left empty is an error.
+    ``num_tokens`` (the whole document's). A split left empty is an error. With ``mix.retrieval_fraction`` > 0 that
+    share of the train split's rows are retrieval rows (:func:`retrieval_rows`), appended after the packed ones.
     """
     import datasets
 
@@ -221,6 +270,18 @@ def prepare_dataset(settings: DataArguments, tokenizer: Any) -> tuple[datasets.D
                     f"split '{name}' is empty after packing: its {_count_tokens(split)} tokens do not fill one "
                     f"{settings.max_seq_len}-token segment; lower max_seq_len or add data"
                 )
+            if name == "train" and mix is not None and mix.retrieval_fraction > 0:
+                count = round(len(rows) * mix.retrieval_fraction / (1.0 - mix.retrieval_fraction))
+                extra = retrieval_rows(
+                    split["input_ids"], count, settings.max_seq_len, tokenizer, eos, mix, settings.document_seed
+                )
+                rows = datasets.concatenate_datasets([rows, datasets.Dataset.from_dict(extra, features=rows.features)])
+                summary["retrieval_rows"] = {
+                    "rows": count,
+                    "tasks": mix.retrieval_tasks,
+                    "template": mix.retrieval_template,
+                    "fraction": mix.retrieval_fraction,
+                }
             segment_tokens = len(rows) * settings.max_seq_len
         else:
             rows = truncate_documents(split, settings.max_seq_len)

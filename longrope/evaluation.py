@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from longrope.args import (
     DocumentsArguments,
     LossArguments,
     OutputArguments,
+    RetrievalArguments,
     RopeArguments,
     SequenceParallelArguments,
     TrackingArguments,
@@ -37,9 +39,16 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EvalArguments(DocumentsArguments, SequenceParallelArguments, LossArguments, OutputArguments, TrackingArguments):
+class EvalArguments(
+    DocumentsArguments,
+    SequenceParallelArguments,
+    LossArguments,
+    OutputArguments,
+    TrackingArguments,
+    RetrievalArguments,
+):
     """Keys only evaluate.py reads; the model, tokenizer, RoPE (defaults of every method entry), documents,
-    sp_size, loss_chunk_size, output and tracking keys are the shared ones of :mod:`longrope.args`."""
+    sp_size, loss_chunk_size, output, tracking and retrieval-task keys are the shared ones of :mod:`longrope.args`."""
 
     methods: list[Any] = field(
         default_factory=lambda: ["none", "pi", "ntk", "yarn"],
@@ -55,11 +64,21 @@ class EvalArguments(DocumentsArguments, SequenceParallelArguments, LossArguments
     )
     ppl_stride: int | None = field(default=None, metadata={"help": "Sliding-window stride (the paper: 256)."})
     add_bos: bool = field(default=False, metadata={"help": "Prepend BOS to every window (the official code does)."})
-    passkey_lengths: list[int] = field(default_factory=list, metadata={"help": "Passkey prompt lengths (tokens)."})
-    passkey_depths: list[float] = field(
-        default_factory=lambda: [0.1, 0.5, 0.9], metadata={"help": "Needle depths (fraction of the filler)."}
+    retrieval_lengths: list[int] = field(
+        default_factory=list, metadata={"help": "Prompt lengths (tokens) of every retrieval_tasks task."}
     )
-    passkey_trials: int = field(default=10, metadata={"help": "Passkey trials per (length, depth) cell."})
+    retrieval_depths: list[float] = field(
+        default_factory=lambda: [0.1, 0.5, 0.9],
+        metadata={"help": "Where the (first) needle sits: the fraction of the haystack before it."},
+    )
+    retrieval_trials: int = field(default=10, metadata={"help": "Seeded samples per (task, length, depth) cell."})
+    retrieval_haystack: str = field(
+        default="filler",
+        metadata={
+            "help": "filler: the passkey's filler sentences (the paper). documents: windows of documents_path "
+            "(held-out text; the code template needs it)."
+        },
+    )
     needle_lengths: list[int] = field(default_factory=list, metadata={"help": "Needle-perplexity lengths."})
     lm_eval_tasks: list[str] = field(
         default_factory=list,
@@ -76,16 +95,22 @@ class EvalArguments(DocumentsArguments, SequenceParallelArguments, LossArguments
         super().__post_init__()
         if not self.methods:
             raise LongRopeError("methods: give at least one method (a method name, a factors file or a mapping)")
-        for key in ("lengths", "passkey_lengths", "needle_lengths"):
+        for key in ("lengths", "retrieval_lengths", "needle_lengths"):
             values = getattr(self, key)
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in values):
                 raise LongRopeError(f"{key}: {values!r} must be token counts >= 2")
-        if not (self.lengths or self.passkey_lengths or self.needle_lengths or self.lm_eval_tasks):
+        if not (self.lengths or self.retrieval_lengths or self.needle_lengths or self.lm_eval_tasks):
             raise LongRopeError(
-                "lengths: nothing to evaluate; set lengths, passkey_lengths, needle_lengths or lm_eval_tasks"
+                "lengths: nothing to evaluate; set lengths, retrieval_lengths, needle_lengths or lm_eval_tasks"
             )
         if (self.lengths or self.needle_lengths) and self.documents_path is None:
             raise LongRopeError("documents_path: required for perplexity; prepare documents with data/prepare.py")
+        if self.retrieval_lengths:
+            from longrope import retrieval
+
+            retrieval.check_haystack(self.retrieval_template, self.retrieval_haystack)
+            if self.retrieval_haystack == "documents" and self.documents_path is None:
+                raise LongRopeError("documents_path: required with retrieval_haystack documents (the haystack text)")
         if self.ppl_mode == "sliding" and self.ppl_stride is None:
             raise LongRopeError("ppl_stride: required with ppl_mode sliding (the paper uses 256)")
         if self.lm_eval_num_fewshot and len(self.lm_eval_num_fewshot) != len(self.lm_eval_tasks):
@@ -93,19 +118,19 @@ class EvalArguments(DocumentsArguments, SequenceParallelArguments, LossArguments
                 f"lm_eval_num_fewshot: {len(self.lm_eval_num_fewshot)} values for {len(self.lm_eval_tasks)} tasks; "
                 "give one per task or none"
             )
-        if self.sp_size > 1 and (self.passkey_lengths or self.lm_eval_tasks):
+        if self.sp_size > 1 and (self.retrieval_lengths or self.lm_eval_tasks):
             raise LongRopeError(
-                "sp_size: passkey decoding and lm-eval tasks run unsharded; evaluate them in a separate run with "
+                "sp_size: retrieval decoding and lm-eval tasks run unsharded; evaluate them in a separate run with "
                 "sp_size 1"
             )
-        if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths):
-            raise LongRopeError(f"passkey_depths: {self.passkey_depths!r} must be fractions in [0, 1]")
-        for key in ("passkey_trials", "lm_eval_batch_size"):
+        if any(not 0.0 <= d <= 1.0 for d in self.retrieval_depths):
+            raise LongRopeError(f"retrieval_depths: {self.retrieval_depths!r} must be fractions in [0, 1]")
+        for key in ("retrieval_trials", "lm_eval_batch_size"):
             require_positive_int(key, getattr(self, key))
 
     @property
     def all_lengths(self) -> list[int]:
-        return self.lengths + self.passkey_lengths + self.needle_lengths
+        return self.lengths + self.retrieval_lengths + self.needle_lengths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,25 +195,19 @@ def length_warnings(spec: MethodSpec, lengths: list[int]) -> list[str]:
 
 
 def check_prompt_lengths(tokenizer: Any, args: EvalArguments) -> None:
-    """Passkey and needle grids that cannot hold their prompts fail before any evaluation starts."""
-    from longrope import needle, passkey
+    """Retrieval and needle grids that cannot hold their prompts fail before any evaluation starts."""
+    from longrope import needle, retrieval
 
-    if args.passkey_lengths:
-        minimum = passkey.passkey_min_length(tokenizer)
-        short = [length for length in args.passkey_lengths if length < minimum]
-        if short:
-            raise LongRopeError(
-                f"passkey_lengths: {short} cannot hold the passkey prompt, which needs at least {minimum} tokens with "
-                "this tokenizer; drop those lengths"
-            )
+    words = retrieval.template(args.retrieval_template)
+    if args.retrieval_lengths:
+        retrieval.check_grid(tokenizer, args.retrieval_tasks, args.retrieval_lengths, words)
     if args.needle_lengths:
-        key, value = needle.needle_key_value(0, 0)
-        minimum = needle.needle_overhead(tokenizer, key, value) + 1
+        minimum = retrieval.minimum_length(tokenizer, needle.TASK, words, with_answer=True)
         short = [length for length in args.needle_lengths if length < minimum]
         if short:
             raise LongRopeError(
-                f"needle_lengths: {short} cannot hold the needle template (about {minimum} tokens with this "
-                "tokenizer); drop those lengths"
+                f"needle_lengths: {short} cannot hold the {words.name} needle template (about {minimum} tokens with "
+                "this tokenizer); drop those lengths"
             )
 
 
@@ -201,14 +220,19 @@ def evaluate_methods(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Every method of ``specs`` (from :func:`resolve_methods`) installed in turn into ``model`` and evaluated."""
-    from longrope import needle, passkey, perplexity
+    from longrope import needle, perplexity, retrieval
 
-    documents, data_info = [], None
+    documents, data_info, haystack = [], None, None
     longest = max(args.lengths + args.needle_lengths, default=0)
-    if longest:
+    if longest or (args.retrieval_lengths and args.retrieval_haystack == "documents"):
         ensure_prepared(args.documents_path, args.documents_prepare_config)
+    if longest:
         documents, data_info = select_documents(args.documents_path, longest, args.num_documents, args.document_seed)
+    if args.retrieval_lengths and args.retrieval_haystack == "documents":
+        # Every document long enough for the longest prompt serves as haystack (seeded windows of them).
+        haystack, _ = select_documents(args.documents_path, max(args.retrieval_lengths), None, args.document_seed)
     check_prompt_lengths(tokenizer, args)
+    words = retrieval.template(args.retrieval_template)
     if args.lm_eval_tasks:
         lm_eval_task_manager(args)
     group = sequence_parallel.register_for_evaluation(model, args.sp_size, distributed.world_size())
@@ -225,6 +249,15 @@ def evaluate_methods(
         "lengths": args.lengths,
         "methods": [],
     }
+    if args.retrieval_lengths:
+        results["retrieval"] = {
+            "tasks": args.retrieval_tasks,
+            "lengths": args.retrieval_lengths,
+            "depths": args.retrieval_depths,
+            "trials": args.retrieval_trials,
+            "template": args.retrieval_template,
+            "haystack": args.retrieval_haystack,
+        }
     for spec in specs:
         rope.install(model, spec.scaling, sequence_parallel_group=group)
         entry: dict[str, Any] = {
@@ -260,16 +293,28 @@ def evaluate_methods(
                 tokenizer,
                 documents,
                 args.needle_lengths,
+                words=words,
                 loss_chunk_size=args.loss_chunk_size,
                 sequence_parallel_group=group,
             )
             entry["needle_perplexity"] = {str(k): v for k, v in needles.ppl_by_length().items()}
-        if args.passkey_lengths:
-            keys = passkey.passkey_retrieval(
-                model, tokenizer, args.passkey_lengths, args.passkey_depths, trials=args.passkey_trials
+        if args.retrieval_lengths:
+            reports = retrieval.retrieval_suite(
+                model,
+                tokenizer,
+                args.retrieval_tasks,
+                args.retrieval_lengths,
+                args.retrieval_depths,
+                trials=args.retrieval_trials,
+                seed=args.document_seed,
+                words=words,
+                documents=haystack,
+                progress=progress,
             )
-            entry["passkey"] = keys.to_dict()
-            entry["passkey_accuracy"] = {str(k): v for k, v in keys.accuracy_by_length().items()}
+            entry["retrieval"] = {task: report.to_dict() for task, report in reports.items()}
+            entry["retrieval_accuracy"] = {
+                task: {str(k): v for k, v in report.accuracy_by_length().items()} for task, report in reports.items()
+            }
         if args.lm_eval_tasks:
             entry["lm_eval"] = run_lm_eval(model, tokenizer, args)
         results["methods"].append(entry)
@@ -337,7 +382,23 @@ def markdown_table(results: dict[str, Any]) -> str:
             best = [_is_best(results, length, value) for length, value in zip(lengths, values)]
             cells = [_format(value, bold) for value, bold in zip(values, best)]
             lines.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
-    for key, title in (("needle_perplexity", "Needle perplexity"), ("passkey_accuracy", "Passkey accuracy")):
+    retrieval_ = results.get("retrieval")
+    if retrieval_:
+        columns = [str(length) for length in retrieval_["lengths"]]
+        lines += [
+            "",
+            f"Retrieval accuracy ({retrieval_['template']} template, {retrieval_['haystack']} haystack; "
+            f"{retrieval_['trials']} trials x {len(retrieval_['depths'])} depths per length; a heat map per method "
+            "in retrieval-<method>.png):",
+            "",
+            "| method | task | " + " | ".join(columns) + " |",
+            "|" + "---|" * (len(columns) + 2),
+        ]
+        for entry in results["methods"]:
+            for task, by_length in entry.get("retrieval_accuracy", {}).items():
+                cells = [_format(by_length.get(column)) for column in columns]
+                lines.append(f"| {entry['name']} | {task} | " + " | ".join(cells) + " |")
+    for key, title in (("needle_perplexity", "Needle perplexity"),):
         rows = [e for e in results["methods"] if key in e]
         if rows:
             columns = list(rows[0][key])
@@ -405,6 +466,45 @@ def plot_perplexity(results: dict[str, Any], path: Path, title: str = "Perplexit
     atomic_save_figure(figure, path)
 
 
+def retrieval_plot_name(method: str) -> str:
+    return "retrieval-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", method) + ".png"
+
+
+def plot_retrieval(entry: dict[str, Any], protocol: dict[str, Any], path: Path) -> None:
+    """One method's retrieval accuracy: a depth x length heat map per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = list(entry["retrieval"])
+    lengths, depths = protocol["lengths"], protocol["depths"]
+    figure, axes = plt.subplots(
+        1,
+        len(tasks),
+        figsize=(1.2 + 0.9 * len(lengths) * len(tasks), 1.4 + 0.45 * len(depths)),
+        dpi=110,
+        squeeze=False,
+    )
+    for axis, task in zip(axes[0], tasks):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for cell in entry["retrieval"][task]["cells"]:
+            grid[depths.index(cell["depth"]), lengths.index(cell["length"])] = cell["accuracy"]
+        axis.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        for row in range(len(depths)):
+            for column in range(len(lengths)):
+                axis.text(column, row, f"{100 * grid[row, column]:.0f}", ha="center", va="center", fontsize=7)
+        axis.set_xticks(range(len(lengths)), [str(length) for length in lengths], rotation=45, fontsize=7)
+        axis.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths], fontsize=7)
+        axis.set_title(task, fontsize=8)
+        axis.set_xlabel("length (tokens)", fontsize=7)
+    axes[0][0].set_ylabel("depth", fontsize=7)
+    figure.suptitle(f"{entry['name']}: retrieval accuracy (%)", fontsize=9)
+    figure.tight_layout()
+    atomic_save_figure(figure, path)
+
+
 def write_outputs(results: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
     output_dir = Path(output_dir)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
@@ -413,6 +513,10 @@ def write_outputs(results: dict[str, Any], output_dir: str | Path) -> dict[str, 
     if results.get("lengths"):
         paths["plot"] = output_dir / "plot.png"
         plot_perplexity(results, paths["plot"])
+    for entry in results["methods"]:
+        if "retrieval" in entry:
+            paths[f"retrieval:{entry['name']}"] = output_dir / retrieval_plot_name(entry["name"])
+            plot_retrieval(entry, results["retrieval"], paths[f"retrieval:{entry['name']}"])
     return paths
 
 

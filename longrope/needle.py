@@ -1,5 +1,9 @@
-"""Needle-driven perplexity (LongRoPE2, RULER-style template; papers.md section 7): a key-value needle at the start,
-the question at the end, the perplexity of the answer tokens only. Also the search fitness ``fitness: needle``.
+"""Needle-driven perplexity (LongRoPE2; papers.md section 7): a key-value needle at the start of a document, the
+question at the end, the perplexity of the answer tokens only. Also the search fitness ``fitness: needle``.
+
+The sample is :mod:`longrope.retrieval`'s ``niah_single`` task at depth 0 with the answer appended, in either
+template (``paper``: LongRoPE2's "special magic number" wording; ``code``: the Python analog), over the document's
+first tokens.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ from typing import Any
 
 import torch
 
+from longrope import retrieval
 from longrope.errors import LongRopeError
-from longrope.passkey import bos_prefix, encode
 from longrope.perplexity import (
     DEFAULT_LOSS_CHUNK_SIZE,
     DocumentNll,
@@ -22,117 +26,34 @@ from longrope.perplexity import (
     sequence_nll,
 )
 
-# ----------------------------------------------------------------------------------------------------------------
-# Needle-driven perplexity (LongRoPE2, RULER-style template; papers.md section 7)
-# ----------------------------------------------------------------------------------------------------------------
-
-NEEDLE_INTRO = (
-    "A special magic number is hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the number afterwards."
-)
-NEEDLE_LINE = "One of the special magic numbers for {key} is: {value}."
-NEEDLE_QUESTION = (
-    "What is the special magic number for {key} mentioned in the provided text? "
-    "The special magic number for {key} mentioned in the provided text is"
-)
-
-# Key vocabulary for the "adjective-noun" needle names; any fixed list works, it only has to be deterministic.
-_NEEDLE_ADJECTIVES = (
-    "amber brave calm dusty eager fuzzy gentle hollow icy jolly keen lively "
-    "misty noisy odd plain quiet rapid silent tidy urban vivid wooden young"
-).split()
-_NEEDLE_NOUNS = (
-    "anchor bridge candle desert engine falcon garden harbor island jacket kettle "
-    "lantern meadow needle orchard pepper quarry river saddle tunnel violin window"
-).split()
+TASK = "niah_single"
 
 
-def needle_key_value(seed: int, index: int) -> tuple[str, int]:
-    """The seeded (key, 7-digit value) of sample ``index``; independent of the length so lengths compare fairly."""
-    rng = random.Random(f"needle/{int(seed)}/{int(index)}")
-    return f"{rng.choice(_NEEDLE_ADJECTIVES)}-{rng.choice(_NEEDLE_NOUNS)}", rng.randint(1_000_000, 9_999_999)
-
-
-@dataclass(frozen=True)
-class NeedleSample:
-    """``input_ids`` of exactly the target length; the tokens ``[answer_start, len)`` are the scored answer."""
-
-    input_ids: list[int]
-    answer_start: int
-    key: str
-    value: int
-    document_tokens: int
-
-    @property
-    def answer_tokens(self) -> int:
-        return len(self.input_ids) - self.answer_start
-
-
-def _split_question_and_answer(tokenizer: Any, question: str, answer: str) -> tuple[list[int], int]:
-    """Tokens of question+answer encoded together, and how many trailing tokens belong to the answer.
-
-    Encoding the two together keeps the tokenization the model would see; the answer starts after the longest
-    prefix shared with the question's own encoding (tokenizers may merge across the boundary).
-    """
-    together = encode(tokenizer, question + answer)
-    alone = encode(tokenizer, question)
-    shared = 0
-    while shared < min(len(together), len(alone)) and together[shared] == alone[shared]:
-        shared += 1
-    return together, len(together) - shared
-
-
-def needle_overhead(tokenizer: Any, key: str, value: int, *, prepend_bos: bool | None = None) -> int:
-    """Tokens of a needle sample other than the document text (intro, needle, question, answer)."""
-    head, tail, _ = _needle_pieces(tokenizer, key, value, prepend_bos)
-    return len(head) + len(tail)
-
-
-def _needle_pieces(tokenizer: Any, key: str, value: int, prepend_bos: bool | None) -> tuple[list[int], list[int], int]:
-    head = bos_prefix(tokenizer, prepend_bos) + encode(
-        tokenizer, NEEDLE_INTRO + "\n" + NEEDLE_LINE.format(key=key, value=value) + "\n"
-    )
-    tail, answer_tokens = _split_question_and_answer(tokenizer, "\n" + NEEDLE_QUESTION.format(key=key), f" {value}")
-    return head, tail, answer_tokens
+def needle_rng(seed: int, index: int) -> random.Random:
+    """The generator of document ``index``'s needle: independent of the length, so lengths compare fairly."""
+    return random.Random(f"needle/{int(seed)}/{int(index)}")
 
 
 def build_needle_sample(
     tokenizer: Any,
     document_ids: Sequence[int] | torch.Tensor,
     length: int,
+    rng: random.Random,
     *,
-    key: str,
-    value: int,
+    words: retrieval.Template = retrieval.PAPER,
     prepend_bos: bool | None = None,
-) -> NeedleSample:
-    """[BOS] intro, needle line, the first document tokens that fit, the question, then the answer " {value}".
-
-    The sample has exactly ``length`` tokens. The scored answer is the value (with its leading space), not the
-    sentence's final period. ``document_ids`` must come from the same tokenizer.
-    """
-    head, tail, answer_tokens = _needle_pieces(tokenizer, key, value, prepend_bos)
-    overhead = len(head) + len(tail)
-    if length < overhead + 1:
-        raise LongRopeError(
-            f"needle length {length}: the template alone takes {overhead} tokens with this tokenizer; "
-            f"use lengths >= {overhead + 1}"
-        )
-    document = as_id_tensor(document_ids).tolist()
-    needed = length - overhead
-    if len(document) < needed:
-        raise LongRopeError(
-            f"document of {len(document)} tokens is shorter than the {needed} a {length}-token needle sample needs; "
-            f"select longer documents"
-        )
-    input_ids = head + document[:needed] + tail
-    return NeedleSample(
-        input_ids=input_ids, answer_start=length - answer_tokens, key=key, value=value, document_tokens=needed
+) -> retrieval.RetrievalSample:
+    """[BOS] intro, needle line, the document's first tokens that fit, the question, then the answer: exactly
+    ``length`` tokens; the answer tokens (``answer_ids``) are the scored ones."""
+    haystack = retrieval.Haystack(tokenizer, [as_id_tensor(document_ids).tolist()], from_start=True)
+    return retrieval.build_sample(
+        tokenizer, TASK, length, 0.0, rng, words=words, haystack=haystack, with_answer=True, prepend_bos=prepend_bos
     )
 
 
 def needle_sample_nll(
     model: torch.nn.Module,
-    sample: NeedleSample,
+    sample: retrieval.RetrievalSample,
     *,
     loss_chunk_size: int | None = DEFAULT_LOSS_CHUNK_SIZE,
     sequence_parallel_group: Any = None,
@@ -140,8 +61,8 @@ def needle_sample_nll(
     """NLL of the sample's answer tokens only (the incremental form for a search fitness)."""
     return sequence_nll(
         model,
-        sample.input_ids,
-        sample.answer_start,
+        sample.with_answer,
+        len(sample.input_ids),
         loss_chunk_size=loss_chunk_size,
         sequence_parallel_group=sequence_parallel_group,
     )
@@ -149,10 +70,10 @@ def needle_sample_nll(
 
 @dataclass
 class NeedlePerplexityReport:
-    """Needle perplexity per length; ``samples`` hold (key, value) per document in document order."""
+    """Needle perplexity per length; ``answers`` hold each document's needle answer, in document order."""
 
     seed: int
-    samples: list[tuple[str, int]]
+    answers: list[str]
     per_length: list[LengthPerplexity] = field(default_factory=list)
 
     def ppl_by_length(self) -> dict[int, float]:
@@ -161,7 +82,7 @@ class NeedlePerplexityReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "seed": self.seed,
-            "samples": [{"key": key, "value": value} for key, value in self.samples],
+            "answers": self.answers,
             "per_length": [entry.to_dict() for entry in self.per_length],
         }
 
@@ -173,6 +94,7 @@ def needle_perplexity(
     lengths: Sequence[int],
     *,
     seed: int = 0,
+    words: retrieval.Template = retrieval.PAPER,
     prepend_bos: bool | None = None,
     loss_chunk_size: int | None = DEFAULT_LOSS_CHUNK_SIZE,
     progress: bool = False,
@@ -180,28 +102,26 @@ def needle_perplexity(
 ) -> NeedlePerplexityReport:
     """LongRoPE2's needle-driven perplexity: one needle sample per document and length, answer tokens scored.
 
-    Document ``i`` always carries the needle ``needle_key_value(seed, i)``. All samples are built (and validated)
-    before the first forward; the aggregate is token-weighted over the answers.
+    Document ``i`` always carries the needle drawn from ``needle_rng(seed, i)``. All samples are built (and
+    validated) before the first forward; the aggregate is token-weighted over the answers.
     """
     if not documents:
         raise LongRopeError("documents: empty; give at least one tokenized document")
     if not lengths:
         raise LongRopeError("lengths: empty; give at least one evaluation length")
-    keys = [needle_key_value(seed, index) for index in range(len(documents))]
-    samples: dict[int, list[NeedleSample]] = {}
+    samples: dict[int, list[retrieval.RetrievalSample]] = {}
     for length in lengths:
         built = []
         for index, document in enumerate(documents):
             try:
+                rng = needle_rng(seed, index)
                 built.append(
-                    build_needle_sample(
-                        tokenizer, document, length, key=keys[index][0], value=keys[index][1], prepend_bos=prepend_bos
-                    )
+                    build_needle_sample(tokenizer, document, length, rng, words=words, prepend_bos=prepend_bos)
                 )
             except LongRopeError as error:
                 raise LongRopeError(f"documents[{index}]: {error}") from None
         samples[length] = built
-    report = NeedlePerplexityReport(seed=seed, samples=keys)
+    report = NeedlePerplexityReport(seed=seed, answers=[sample.answers[0] for sample in samples[lengths[0]]])
     per_length = {length: LengthPerplexity(length=length) for length in lengths}
     jobs = [(length, sample) for length in lengths for sample in samples[length]]
     for length, sample in progress_bar(jobs, len(jobs), "needle perplexity", progress):

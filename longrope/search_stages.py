@@ -21,6 +21,7 @@ from longrope.args import (
     DocumentsArguments,
     LossArguments,
     OutputArguments,
+    RetrievalTemplateArguments,
     RopeArguments,
     TrackingArguments,
     require_positive_int,
@@ -59,9 +60,12 @@ class JsonMapping(dict):
 
 
 @dataclass
-class SearchArguments(DocumentsArguments, LossArguments, OutputArguments, TrackingArguments):
+class SearchArguments(
+    DocumentsArguments, LossArguments, OutputArguments, TrackingArguments, RetrievalTemplateArguments
+):
     """Keys only search.py reads; the model, RoPE, documents (num_documents: the paper's N samples), loss chunk,
-    output and tracking keys are the shared ones of :mod:`longrope.args`."""
+    output, tracking and retrieval_template (the needle fitness's wording) keys are the shared ones of
+    :mod:`longrope.args`."""
 
     stage: Literal["first", "second", "short"] = field(
         default="first",
@@ -72,7 +76,10 @@ class SearchArguments(DocumentsArguments, LossArguments, OutputArguments, Tracki
     )
     fitness: Literal["perplexity", "needle"] = field(
         default="perplexity",
-        metadata={"help": "perplexity: truncated-sample PPL (LongRoPE). needle: answer-token PPL (LongRoPE2)."},
+        metadata={
+            "help": "perplexity: truncated-sample PPL (LongRoPE). needle: answer-token PPL of a needle at each "
+            "sample's start, worded by retrieval_template (LongRoPE2)."
+        },
     )
     evolution: JsonMapping = field(
         default_factory=dict,

@@ -85,17 +85,18 @@ class Fitness:
         return result.nll_sum / result.scored_tokens
 
     def _needle_samples(self) -> list[Any]:
-        from longrope import needle
+        from longrope import needle, retrieval
 
         if self._needles is None:
             if self.tokenizer is None:
                 raise LongRopeError("tokenizer_name_or_path: the needle fitness needs the model's tokenizer")
-            self._needles = []
-            for index, sample in enumerate(self.samples):
-                key, value = needle.needle_key_value(self.args.document_seed, index)
-                self._needles.append(
-                    needle.build_needle_sample(self.tokenizer, sample, self.length, key=key, value=value)
+            words = retrieval.template(self.args.retrieval_template)
+            self._needles = [
+                needle.build_needle_sample(
+                    self.tokenizer, sample, self.length, needle.needle_rng(self.args.document_seed, index), words=words
                 )
+                for index, sample in enumerate(self.samples)
+            ]
         return self._needles
 
 

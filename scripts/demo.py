@@ -141,8 +141,11 @@ CLAIM_KINDS: dict[str, set[str]] = {
     "below_every_other": {"method", "length"},
     "below_these": {"method", "others", "length"},
     "within_and_below": {"method", "reference", "within_percent", "below", "length"},
-    "passkey_at_least": {"method", "min_accuracy_percent"},
+    "retrieval_at_least": {"method", "task", "min_accuracy_percent"},
+    "retrieval_above": {"method", "task", "length"},
 }
+# Keys a kind of claim may leave out (besides the default stage of its methods).
+OPTIONAL_CLAIM_KEYS: dict[str, set[str]] = {"retrieval_above": {"others"}}
 BOUND_KEYS = ("within_percent", "min_accuracy_percent")  # what {bound} in a claim's text shows
 
 
@@ -161,12 +164,18 @@ def _method_ref(where: str, value: Any, default_stage: str | None, methods: dict
     return MethodRef(stage, item["name"], item.get("label", item["name"]))
 
 
-def _claim(where: str, item: Any, methods: dict[str, list[set[str]]], original: int) -> dict[str, Any]:
+def _claim(where: str, item: Any, methods: dict[str, list[set[str]]], original: int | None) -> dict[str, Any]:
     """One claim of demo.yaml checked, its methods as MethodRefs and its text filled in."""
     kind = item.get("kind") if isinstance(item, dict) else None
     if kind not in CLAIM_KINDS:
         raise LongRopeError(f"{where}: kind {kind!r} is not one of {', '.join(CLAIM_KINDS)}")
-    _require_keys(where, item, {"claim", "paper", "kind"} | CLAIM_KINDS[kind], {"stage"})
+    _require_keys(
+        where, item, {"claim", "paper", "kind"} | CLAIM_KINDS[kind], {"stage"} | OPTIONAL_CLAIM_KEYS.get(kind, set())
+    )
+    if "task" in item:
+        from longrope import retrieval
+
+        retrieval.check_tasks([item["task"]], key=f"{where}.task")
     claim = {key: value for key, value in item.items() if key != "stage"}
     for key in ("method", "reference", "below"):
         if key in item:
@@ -178,8 +187,9 @@ def _claim(where: str, item: Any, methods: dict[str, list[set[str]]], original: 
             _method_ref(f"{where}.others[{i}]", other, item.get("stage"), methods)
             for i, other in enumerate(item["others"])
         ]
-    if item.get("length", "longest") not in ("longest", "original"):
-        raise LongRopeError(f"{where}.length: {item['length']!r} must be longest or original")
+    lengths = ("longest", "all") if kind == "retrieval_above" else ("longest", "original")
+    if item.get("length", "longest") not in lengths:
+        raise LongRopeError(f"{where}.length: {item['length']!r} must be {' or '.join(lengths)}")
     bound = None
     for key in BOUND_KEYS:
         if key in item:
@@ -225,7 +235,13 @@ def load_demo(path: str | Path = DEMO_CONFIG) -> Demo:
                 {**committed, **overrides.get(stage.name, {})} for overrides in profiles.values()
             ]
             methods[stage.name] = [set(_method_names(config)) for config in variants]
-    original = original_length(raw["base_model"])
+    # The base model's window, read only when a claim uses it (so a pipeline over a model not yet downloaded or
+    # converted still loads, as its stages are checked and listed).
+    uses_original = any(
+        isinstance(item, dict) and ("{original}" in str(item.get("claim", "")) or item.get("length") == "original")
+        for item in raw["claims"] or []
+    )
+    original = original_length(raw["base_model"]) if uses_original else None
     claims = [
         _claim(f"{path.name} claims[{i}]", item, methods, original) for i, item in enumerate(raw["claims"] or [])
     ]
@@ -531,24 +547,53 @@ def _within_and_below(claim: dict[str, Any], results: _Results) -> tuple[str, bo
     return measured, value <= (1 + claim["within_percent"] / 100) * base and value < other
 
 
-def _passkey_at_least(claim: dict[str, Any], results: _Results) -> tuple[str, bool | None]:
+def _accuracy(results: _Results, ref: MethodRef, task: str) -> dict[int, float]:
+    by_length = results.entry(ref).get("retrieval_accuracy", {}).get(task, {})
+    return {int(length): float(value) for length, value in by_length.items()}
+
+
+def _retrieval_at_least(claim: dict[str, Any], results: _Results) -> tuple[str, bool | None]:
     entry = results.entry(claim["method"])
-    accuracy = {int(k): float(v) for k, v in entry.get("passkey_accuracy", {}).items()}
+    accuracy = _accuracy(results, claim["method"], claim["task"])
     needle = {int(k): float(v) for k, v in entry.get("needle_perplexity", {}).items()}
     parts = []
     if accuracy:
-        parts.append(", ".join(f"{k}: {v:.0%}" for k, v in sorted(accuracy.items())))
+        parts.append(f"{claim['task']} " + ", ".join(f"{k}: {v:.0%}" for k, v in sorted(accuracy.items())))
     if needle:
         parts.append("needle PPL " + ", ".join(f"{k}: {_fmt(v)}" for k, v in sorted(needle.items())))
     held = None if not accuracy else min(accuracy.values()) >= claim["min_accuracy_percent"] / 100
     return "; ".join(parts) or "–", held
 
 
+def _retrieval_above(claim: dict[str, Any], results: _Results) -> tuple[str, bool | None]:
+    """The method's accuracy on the task (at the stage's longest retrieval length, or averaged over all of them)
+    above each other method's: the listed ``others``, or every other method of its stage."""
+    method = claim["method"]
+    others = claim.get("others") or [
+        MethodRef(method.stage, entry["name"], entry["name"])
+        for entry in results.methods(method.stage)
+        if entry["name"] != method.name
+    ]
+    accuracies = [_accuracy(results, ref, claim["task"]) for ref in [method, *others]]
+    if not others or not all(accuracies):
+        return "–", None
+    if claim["length"] == "longest":
+        length = max(accuracies[0])
+        values, where = [acc.get(length, 0.0) for acc in accuracies], f"at {length}"
+    else:
+        values = [sum(acc.values()) / len(acc) for acc in accuracies]
+        where = "averaged over " + ", ".join(map(str, sorted(accuracies[0])))
+    labels = [ref.label for ref in [method, *others]]
+    measured = f"{claim['task']}: " + ", ".join(f"{label} {value:.0%}" for label, value in zip(labels, values))
+    return f"{measured} {where}", values[0] > max(values[1:])
+
+
 CHECKS = {
     "below_every_other": _below_every_other,
     "below_these": _below_these,
     "within_and_below": _within_and_below,
-    "passkey_at_least": _passkey_at_least,
+    "retrieval_at_least": _retrieval_at_least,
+    "retrieval_above": _retrieval_above,
 }
 
 

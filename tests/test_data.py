@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -426,6 +427,34 @@ def test_prepare_packs_splits_by_document_and_saves(tmp_path, text_folder, byte_
     loaded = data.load_prepared_dataset(settings.dataset_path)
     assert loaded["train"]["input_ids"] == dataset["train"]["input_ids"]
     assert data.read_summary(settings.dataset_path)["splits"] == summary["splits"]
+
+
+def test_retrieval_rows_are_mixed_into_the_train_split_only(tmp_path, text_folder, byte_tokenizer):
+    from longrope import retrieval
+
+    settings = _args(tmp_path, text_folder, max_seq_len=256)
+    plain, plain_summary = data.prepare_dataset(settings, byte_tokenizer)
+    mix = args.RetrievalMixArguments(
+        retrieval_fraction=0.25, retrieval_tasks=["passkey", "niah_multikey"], retrieval_template="code"
+    )
+    mixed, summary = data.prepare_dataset(settings, byte_tokenizer, mix)
+    packed = plain_summary["splits"]["train"]["rows"]
+    extra = summary["retrieval_rows"]["rows"]
+    assert extra == round(packed * 0.25 / 0.75) > 0 and len(mixed["train"]) == packed + extra
+    assert mixed["validation"]["input_ids"] == plain["validation"]["input_ids"]  # held-out code stays code
+    assert mixed["train"]["input_ids"][:packed] == plain["train"]["input_ids"]
+    for row, positions in zip(mixed["train"]["input_ids"][packed:], mixed["train"]["position_ids"][packed:]):
+        assert len(row) == 256 and row[0] == 256 and row[-1] == 257 and positions == list(range(256))
+        text = byte_tokenizer.decode(row[1:-1])
+        question = re.search(r"\nassert (PASSKEY|[a-z]+_[a-z]+) == (\d+)$", text)
+        assert question, text[-80:]  # the answer follows the question, then EOS
+        key, value = question.groups()
+        assert f"\n{key} = {value}\n" in text
+        assert not retrieval.is_heldout(int(value)) and (key == "PASSKEY" or not retrieval.is_heldout(key))
+    with pytest.raises(LongRopeError, match="retrieval_fraction: 1.0 must be in"):
+        args.RetrievalMixArguments(retrieval_fraction=1.0)
+    with pytest.raises(LongRopeError, match="retrieval_tasks: a 64-token row cannot hold"):
+        data.prepare_dataset(_args(tmp_path, text_folder), byte_tokenizer, mix)
 
 
 def test_prepare_documents_output_filters_by_length(tmp_path, text_folder, byte_tokenizer):

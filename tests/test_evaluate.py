@@ -129,22 +129,49 @@ def test_lengths_beyond_the_setup_warn_but_run(world, tmp_path):
     assert "warning: pi: lengths [256]" in (tmp_path / "out" / "results.md").read_text()
 
 
-def test_passkey_and_needle_run_on_the_grid(world, tmp_path):
+def test_retrieval_tasks_and_needle_run_on_the_grid_with_a_heat_map_per_method(world, tmp_path):
     config = write_config(
         world,
         tmp_path,
-        methods=["none"],
+        methods=["none", "yarn"],
         lengths=[],
-        passkey_lengths=[300],
-        passkey_depths=[0.5],
-        passkey_trials=2,
+        target_length=256,
+        retrieval_tasks=["passkey", "niah_multikey", "variable_tracking"],
+        retrieval_template="code",
+        retrieval_haystack="documents",
+        retrieval_lengths=[256, 512],
+        retrieval_depths=[0.2, 0.8],
+        retrieval_trials=2,
         needle_lengths=[600],
     )
     results = evaluate.main(["--config", str(config)])
-    entry = results["methods"][0]
-    assert set(entry["passkey_accuracy"]) == {"300"} and 0.0 <= entry["passkey_accuracy"]["300"] <= 1.0
-    assert math.isfinite(entry["needle_perplexity"]["600"])
-    assert "Needle perplexity" in (tmp_path / "out" / "results.md").read_text()
+    assert results["retrieval"]["template"] == "code" and results["retrieval"]["haystack"] == "documents"
+    for entry in results["methods"]:
+        assert set(entry["retrieval_accuracy"]) == {"passkey", "niah_multikey", "variable_tracking"}
+        for task, by_length in entry["retrieval_accuracy"].items():
+            assert set(by_length) == {"256", "512"} and all(0.0 <= value <= 1.0 for value in by_length.values())
+            cells = entry["retrieval"][task]["cells"]
+            assert [(cell["length"], cell["depth"]) for cell in cells] == [
+                (256, 0.2),
+                (256, 0.8),
+                (512, 0.2),
+                (512, 0.8),
+            ]
+            assert all(len(cell["trials"]) == 2 for cell in cells)
+        assert math.isfinite(entry["needle_perplexity"]["600"])
+        plot = tmp_path / "out" / f"retrieval-{entry['name']}.png"
+        assert plot.stat().st_size > 5000
+    # Both methods answered the same prompts (seeded per cell, not per method).
+    answers = [
+        [t["answers"] for c in e["retrieval"]["passkey"]["cells"] for t in c["trials"]] for e in results["methods"]
+    ]
+    assert answers[0] == answers[1]
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert (
+        "Retrieval accuracy (code template, documents haystack" in markdown
+        and "| yarn | variable_tracking |" in markdown
+    )
+    assert "Needle perplexity" in markdown
 
 
 def test_lm_eval_custom_task_on_the_patched_model(world, tmp_path, monkeypatch):
@@ -202,16 +229,23 @@ def test_sharding_without_sequence_parallel_attention_would_be_caught(world):
             "lm_eval_tasks: 'no_such_task' is not an lm-eval task",
         ),
         (
-            {"passkey_lengths": [100], "lengths": [], "target_length": 256},
-            r"passkey_lengths: \[100\] cannot hold the passkey prompt",
+            {"retrieval_lengths": [100], "lengths": [], "target_length": 256},
+            r"retrieval_lengths: \[100\] cannot hold the paper template of passkey, which needs about \d+ tokens",
         ),
+        ({"passkey_lengths": [300]}, "passkey_lengths: renamed to retrieval_lengths; use retrieval_lengths"),
+        (
+            {"retrieval_lengths": [300], "retrieval_template": "code"},
+            "retrieval_haystack: the code template hides its needles in code; set retrieval_haystack: documents",
+        ),
+        ({"retrieval_lengths": [300], "retrieval_tasks": ["niah"]}, "retrieval_tasks: 'niah' is not a retrieval task"),
+        ({"retrieval_lengths": [300], "retrieval_template": "prose"}, "retrieval_template: 'prose' is not a template"),
         (
             {"methods": ["pi"], "lengths": [64], "target_length": 64},
             r"methods\[0\]\.target_length: 64 must be larger than the original window 64",
         ),
         ({"ppl_mode": "sliding"}, "ppl_stride: required with ppl_mode sliding"),
         ({"sp_size": 2}, "sp_size: 2 but 1 processes were launched"),
-        ({"sp_size": 2, "passkey_lengths": [300]}, "passkey decoding and lm-eval tasks run unsharded"),
+        ({"sp_size": 2, "retrieval_lengths": [300]}, "retrieval decoding and lm-eval tasks run unsharded"),
         ({"sequence_parallel_size": 2}, "sequence_parallel_size: renamed to sp_size; use sp_size"),
         (
             {"methods": [{"name": "x", "factors_path": "f.json"}]},

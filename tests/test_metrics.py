@@ -1,4 +1,5 @@
-"""Tests for longrope.perplexity, longrope.passkey and longrope.needle: chunked perplexity, sliding windows, BOS, passkey and needle perplexity.
+"""Tests for longrope.perplexity, longrope.retrieval and longrope.needle: chunked perplexity, sliding windows, BOS,
+the retrieval tasks (passkey, needles, variable tracking) and needle perplexity.
 
 Every reference below is computed in the test from the model's full logits (``model(...).logits``), i.e. the path
 the chunked scorer must reproduce without materialising them.
@@ -16,7 +17,7 @@ from conftest import tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from longrope import needle, passkey, perplexity
+from longrope import needle, perplexity, retrieval
 from longrope.errors import LongRopeError
 
 BYTE_VOCAB = 259  # 256 bytes + <s>, </s>, <pad>
@@ -69,7 +70,9 @@ def _merging_tokenizer() -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    corpus = [passkey.PASSKEY_INTRO, passkey.PASSKEY_FILLER * 20, passkey.PASSKEY_NEEDLE, passkey.PASSKEY_QUESTION]
+    paper = retrieval.PAPER
+    corpus = [retrieval.PASSKEY_INTRO, retrieval.PASSKEY_FILLER * 20, paper.passkey_needle, paper.passkey_question]
+    corpus += [retrieval.NEEDLE_INTRO, paper.needle, paper.question, retrieval.CODE.question, "assert x == 1\n" * 5]
     backend.train_from_iterator(corpus, trainer=trainer)
     return _adds_bos(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>"))
 
@@ -311,12 +314,15 @@ def test_transformed_logits_are_refused():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Passkey
+# Retrieval tasks
 # ---------------------------------------------------------------------------------------------------------------
 
+CODE_TEXT = "".join(f"def f{i}(x):\n    return x * {i} + len(str(x))\n\n" for i in range(400))
 
-def _longest_filler_word_tokens(tok) -> int:
-    return max(len(tok(" " + word, add_special_tokens=False)["input_ids"]) for word in passkey.PASSKEY_FILLER.split())
+
+def _code_documents(tok, count: int = 3) -> list[list[int]]:
+    ids = tok(CODE_TEXT, add_special_tokens=False)["input_ids"]
+    return [ids[i * 500 :] for i in range(count)]
 
 
 def test_prompts_start_as_the_tokenizer_starts_a_text():
@@ -324,108 +330,173 @@ def test_prompts_start_as_the_tokenizer_starts_a_text():
     plain = _byte_tokenizer()
     plain.backend_tokenizer.post_processor = None  # like SmolLM2's: BOS is a chat-turn marker, never prepended
     bos = adds_bos.bos_token_id
-    assert passkey.bos_prefix(adds_bos) == [bos] and passkey.bos_prefix(plain) == []
-    assert passkey.bos_prefix(plain, True) == [bos] and passkey.bos_prefix(adds_bos, False) == []
-    with_bos = passkey.build_passkey_prompt(adds_bos, 400, 0.5, 17865)
-    without = passkey.build_passkey_prompt(plain, 400, 0.5, 17865)
-    assert with_bos.input_ids[0] == bos and without.input_ids[0] != bos
-    assert without.input_ids == plain(without.text)["input_ids"]  # exactly what the model reads for that text
-    assert passkey.passkey_min_length(adds_bos) == passkey.passkey_min_length(plain) + 1
-    sample = needle.build_needle_sample(plain, list(range(30, 130)) * 6, 500, key="alpha", value=42)
-    assert bos not in sample.input_ids
+    assert retrieval.bos_prefix(adds_bos) == [bos] and retrieval.bos_prefix(plain) == []
+    assert retrieval.bos_prefix(plain, True) == [bos] and retrieval.bos_prefix(adds_bos, False) == []
+    with_bos = retrieval.build_sample(adds_bos, "passkey", 400, 0.5, random.Random(1))
+    without = retrieval.build_sample(plain, "passkey", 400, 0.5, random.Random(1))
+    assert with_bos.input_ids[0] == bos and bos not in without.input_ids
+    assert len(with_bos.input_ids) == len(without.input_ids) == 400  # the BOS took the place of a filler token
+    assert with_bos.input_ids[1:100] == without.input_ids[:99] and with_bos.input_ids[-20:] == without.input_ids[-20:]
+    words = retrieval.PAPER
+    assert (
+        retrieval.minimum_length(adds_bos, "passkey", words) == retrieval.minimum_length(plain, "passkey", words) + 1
+    )
+    sample = needle.build_needle_sample(plain, list(range(30, 130)) * 6, 500, random.Random(0))
+    assert bos not in sample.with_answer
 
 
-@pytest.mark.parametrize("tokenizer_kind", ["bytes", "bpe"])
-@pytest.mark.parametrize("length", [300, 1000, 2500])
-@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
-def test_passkey_prompt_fits_length_and_places_key_at_depth(tokenizer_kind, length, depth):
+@pytest.mark.parametrize("task", retrieval.TASKS)
+@pytest.mark.parametrize(("template", "tokenizer_kind", "length"), [("paper", "bpe", 1200), ("code", "bytes", 400)])
+@pytest.mark.parametrize("depth", [0.0, 0.4, 1.0])
+def test_every_task_fits_its_length_and_hides_its_needles_at_depth(task, template, tokenizer_kind, length, depth):
     tok = _byte_tokenizer() if tokenizer_kind == "bytes" else _merging_tokenizer()
-    prompt = passkey.build_passkey_prompt(tok, length, depth, 17865)
-    # Filler is added one word at a time, so the prompt is short by less than one word (+1 for a merge at the seam).
-    tolerance = _longest_filler_word_tokens(tok) + 1
-    assert length - tolerance <= len(prompt.input_ids) <= length
-    assert prompt.input_ids[0] == tok.bos_token_id
-    assert prompt.input_ids == [tok.bos_token_id] + tok(prompt.text, add_special_tokens=False)["input_ids"]
-    assert prompt.text.startswith(passkey.PASSKEY_INTRO)
-    assert prompt.text.endswith(passkey.PASSKEY_QUESTION)
-    needle_line = "The pass key is 17865. Remember it. 17865 is the pass key."
-    assert prompt.text.count(needle_line) == 1
-    needle_ids = tok(needle_line, add_special_tokens=False)["input_ids"]
-    assert prompt.input_ids[prompt.needle_position : prompt.needle_position + len(needle_ids)] == needle_ids
-    intro_tokens = 1 + len(tok(passkey.PASSKEY_INTRO + "\n", add_special_tokens=False)["input_ids"])
-    filler_tokens = len(prompt.input_ids) - passkey.passkey_min_length(tok, 17865)
-    filler_before = prompt.needle_position - intro_tokens
-    assert filler_before / filler_tokens == pytest.approx(depth, abs=0.05)
+    words = retrieval.template(template)
+    haystack = retrieval.Haystack(tok, _code_documents(tok) if template == "code" else None)
+    sample = retrieval.build_sample(tok, task, length, depth, random.Random(7), words=words, haystack=haystack)
+    text = retrieval.task_text(task, words, random.Random(7))  # the same draws: the sample's needles and answers
+    assert len(sample.input_ids) == length and sample.input_ids[0] == tok.bos_token_id
+    assert sample.answers == text.answers and len(sample.needle_positions) == len(text.lines)
+    for line, start in zip(text.lines, sample.needle_positions):
+        line_ids = tok("\n" + line + "\n", add_special_tokens=False)["input_ids"]
+        assert sample.input_ids[start : start + len(line_ids)] == line_ids
+    question = tok("\n" + text.question, add_special_tokens=False)["input_ids"]
+    assert sample.input_ids[-len(question) :] == question
+    assert tok.decode(sample.answer_ids).strip().startswith(text.answers[0])
+    if text.ordered:
+        assert list(sample.needle_positions) == sorted(sample.needle_positions)
+    # The first needle at `depth` of the haystack, moved to a boundary at most 256 tokens before (or else after) it.
+    head = 1 + (len(tok(text.intro + "\n", add_special_tokens=False)["input_ids"]) if text.intro else 0)
+    haystack_tokens = (
+        length
+        - head
+        - len(question)
+        - sum(len(tok("\n" + line + "\n", add_special_tokens=False)["input_ids"]) for line in text.lines)
+    )
+    before = sum(
+        len(tok("\n" + line + "\n", add_special_tokens=False)["input_ids"])
+        for line, start in zip(text.lines, sample.needle_positions)
+        if start < sample.needle_positions[0]
+    )
+    filler_before = sample.needle_positions[0] - head - before
+    assert abs(filler_before - round(depth * haystack_tokens)) <= 256
+    with_answer = retrieval.build_sample(
+        tok, task, length, depth, random.Random(7), words=words, haystack=haystack, with_answer=True
+    )
+    assert len(with_answer.with_answer) == length and with_answer.answer_ids == sample.answer_ids
 
 
-def test_parse_first_integer():
-    assert passkey.parse_first_integer(" 17865. Remember") == 17865
-    assert passkey.parse_first_integer("is 42 and 17") == 42
-    assert passkey.parse_first_integer("key: 007") == 7
-    assert passkey.parse_first_integer("no digits here") is None
-    assert passkey.parse_first_integer("\u0661\u0662 then 7") == 7  # only ASCII digits count
+def test_needles_in_code_sit_on_their_own_lines():
+    tok = _byte_tokenizer()
+    haystack = retrieval.Haystack(tok, _code_documents(tok))
+    for seed in range(10):
+        sample = retrieval.build_sample(
+            tok, "niah_multikey", 400, 0.5, random.Random(seed), words=retrieval.CODE, haystack=haystack
+        )
+        text = tok.decode(sample.input_ids[1:])
+        for line in retrieval.task_text("niah_multikey", retrieval.CODE, random.Random(seed)).lines:
+            assert f"\n\n{line}\n" in text  # inserted after a line break: a blank line, the assignment, a line break
 
 
-def _fake_generate(tok, answer_for):
+def test_evaluated_keys_and_values_are_never_trained_on():
+    seen = {True: set(), False: set()}
+    for seed in range(200):
+        for heldout in (True, False):
+            for task in retrieval.TASKS:
+                for words in (retrieval.PAPER, retrieval.CODE):
+                    text = retrieval.task_text(task, words, random.Random(seed), heldout=heldout)
+                    items = set(text.answers) | set(
+                        re.findall(r"\b[a-z]+[-_][a-z]+\b|\b\d{5,7}\b", " ".join(text.lines))
+                    )
+                    assert all(
+                        retrieval.is_heldout(item if not item.isdigit() else int(item)) == heldout for item in items
+                    )
+                    seen[heldout] |= items
+    assert seen[True] and seen[False] and not seen[True] & seen[False]
+    share = sum(retrieval.is_heldout(value) for value in range(10000, 100000)) / 90000
+    assert share == pytest.approx(retrieval.HELDOUT_SHARE, abs=0.01)
+
+
+def test_samples_depend_only_on_their_cell_and_trial():
+    tok = _byte_tokenizer()
+
+    def prompt(*cell):
+        return retrieval.build_sample(tok, "passkey", 400, 0.5, retrieval.sample_rng(*cell)).input_ids
+
+    assert prompt(1, "passkey", 400, 0.5, 0) == prompt(1, "passkey", 400, 0.5, 0)
+    assert prompt(1, "passkey", 400, 0.5, 0) != prompt(1, "passkey", 400, 0.5, 1) != prompt(2, "passkey", 400, 0.5, 1)
+
+
+def test_scoring_follows_the_paper_for_the_passkey_and_ruler_for_the_rest():
+    assert retrieval.score("passkey", " 17865. Remember", ["17865"]) == 1.0
+    assert retrieval.score("passkey", " 00000 is 17865", ["17865"]) == 0.0  # the first integer decides
+    assert retrieval.score("niah_multivalue", " 11, 33 and 44", ["11", "22", "33", "44"]) == 0.75
+    assert retrieval.score("variable_tracking", "Amber-River, x", ["amber-river", "calm-desert"]) == 0.5
+    assert retrieval.parse_first_integer("\u0661\u0662 then 7") == 7  # only ASCII digits count
+    assert retrieval.parse_first_integer("no digits") is None
+
+
+def _answering_generate(tok, correct: bool, samples: dict):
+    """A generate that continues each prompt with its answer (or with a wrong one), as the model would."""
+
     def generate(input_ids, attention_mask=None, **kwargs):
-        assert kwargs["do_sample"] is False and kwargs["max_new_tokens"] >= 6
-        assert attention_mask is not None and attention_mask.shape == input_ids.shape
-        key = re.search(r"The pass key is (\d+)\.", tok.decode(input_ids[0].tolist())).group(1)
-        new = tok(answer_for(key), add_special_tokens=False)["input_ids"]
+        assert kwargs["do_sample"] is False and attention_mask is not None
+        answer = samples[tuple(input_ids[0].tolist())]
+        assert kwargs["max_new_tokens"] >= len(answer)
+        new = answer if correct else tok(" 0", add_special_tokens=False)["input_ids"]
         return torch.cat([input_ids, torch.tensor([new])], dim=1)
 
     return generate
 
 
-@pytest.mark.parametrize(
-    ("answer_for", "expected"),
-    [
-        (lambda key: f" {key}. Remember it.", 1.0),
-        (lambda key: "I do not know.", 0.0),
-        (lambda key: " 00000 is the key", 0.0),
-        (lambda key: f"s {int(key) + 1}", 0.0),
-    ],
-)
-def test_passkey_accuracy_with_stub_generation(model, tokenizer, monkeypatch, answer_for, expected):
-    monkeypatch.setattr(model, "generate", _fake_generate(tokenizer, answer_for))
-    report = passkey.passkey_retrieval(model, tokenizer, [400, 800], [0.0, 0.5, 1.0], trials=3, seed=5)
-    assert len(report.cells) == 6 and all(len(cell.trials) == 3 for cell in report.cells)
-    assert report.accuracy == expected
-    assert all(cell.accuracy == expected for cell in report.cells)
-    assert report.accuracy_by_length() == {400: expected, 800: expected}
-    keys = [trial.key for cell in report.cells for trial in cell.trials]
-    assert all(10000 <= key <= 99999 for key in keys) and len(set(keys)) > 1
+@pytest.mark.parametrize("correct", [True, False])
+def test_suite_scores_every_cell_of_every_task(model, tokenizer, monkeypatch, correct):
+    samples = {}
+    build = retrieval.build_sample
+
+    def recording_build(*args, **kwargs):
+        sample = build(*args, **kwargs)
+        samples[tuple(sample.input_ids)] = sample.answer_ids
+        return sample
+
+    monkeypatch.setattr(retrieval, "build_sample", recording_build)
+    monkeypatch.setattr(model, "generate", _answering_generate(tokenizer, correct, samples))
+    tasks = ["passkey", "niah_single", "niah_multivalue", "variable_tracking"]
+    documents = _code_documents(tokenizer)
+    reports = retrieval.retrieval_suite(
+        model, tokenizer, tasks, [300, 500], [0.0, 1.0], trials=2, words=retrieval.CODE, documents=documents
+    )
+    assert list(reports) == tasks
+    for report in reports.values():
+        assert [(cell.length, cell.depth) for cell in report.cells] == [(300, 0.0), (300, 1.0), (500, 0.0), (500, 1.0)]
+        assert all(len(cell.trials) == 2 for cell in report.cells)
+        assert report.accuracy_by_length() == {300: float(correct), 500: float(correct)}
+        assert report.to_dict()["cells"][0]["trials"][0]["score"] == float(correct)
 
 
-def test_passkey_keys_are_seeded(model, tokenizer, monkeypatch):
-    monkeypatch.setattr(model, "generate", _fake_generate(tokenizer, lambda key: f" {key}"))
-    first = passkey.passkey_retrieval(model, tokenizer, [400], [0.5], trials=4, seed=1)
-    again = passkey.passkey_retrieval(model, tokenizer, [400], [0.5], trials=4, seed=1)
-    other = passkey.passkey_retrieval(model, tokenizer, [400], [0.5], trials=4, seed=2)
-    keys = [[trial.key for trial in report.cells[0].trials] for report in (first, again, other)]
-    assert keys[0] == keys[1] != keys[2]
-
-
-def test_passkey_grid_too_small_raises_with_minimum(model, tokenizer, monkeypatch):
-    monkeypatch.setattr(model, "generate", _fake_generate(tokenizer, lambda key: key))
-    minimum = passkey.passkey_min_length(tokenizer)
-    with pytest.raises(LongRopeError, match=rf"passkey length 100: .*at least {minimum}"):
-        passkey.passkey_retrieval(model, tokenizer, [1000, 100], [0.5], trials=1)
+def test_a_grid_that_cannot_hold_a_task_fails_before_any_generation(model, tokenizer, monkeypatch):
+    monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("generated before checking the grid"))
+    minimum = retrieval.minimum_length(tokenizer, "niah_multiquery", retrieval.PAPER)
+    with pytest.raises(LongRopeError, match=rf"retrieval_lengths: \[400\] .*niah_multiquery, .*about {minimum}"):
+        retrieval.retrieval_suite(model, tokenizer, ["passkey", "niah_multiquery"], [2000, 400], [0.5], trials=1)
+    with pytest.raises(LongRopeError, match="retrieval_tasks: 'niah' is not a retrieval task"):
+        retrieval.retrieval_suite(model, tokenizer, ["niah"], [2000], [0.5])
     with pytest.raises(LongRopeError, match="depth"):
-        passkey.build_passkey_prompt(tokenizer, 1000, 1.5, 12345)
-    assert passkey.build_passkey_prompt(tokenizer, minimum, 0.5, 99999).filler_words == 0
+        retrieval.build_sample(tokenizer, "passkey", 1000, 1.5, random.Random(0))
+    with pytest.raises(LongRopeError, match="retrieval_haystack: the code template hides its needles in code"):
+        retrieval.check_haystack("code", "filler")
 
 
-def test_passkey_runs_real_greedy_generation(model, tokenizer):
-    report = passkey.passkey_retrieval(model, tokenizer, [320], [0.5], trials=2, max_new_tokens=4)
-    trials = report.cells[0].trials
-    assert len(trials) == 2
-    for trial in trials:
-        assert 310 <= trial.prompt_tokens <= 320
-        assert trial.answer == passkey.parse_first_integer(trial.answer_text)
-    # Greedy decoding is deterministic: the same grid gives the same continuations.
-    again = passkey.passkey_retrieval(model, tokenizer, [320], [0.5], trials=2, max_new_tokens=4)
-    assert [t.answer_text for t in again.cells[0].trials] == [t.answer_text for t in trials]
+def test_suite_runs_real_greedy_generation_deterministically(model, tokenizer):
+    def run():
+        return retrieval.retrieval_suite(model, tokenizer, ["passkey"], [320], [0.5], trials=2)["passkey"]
+
+    first, again = run(), run()
+    trials = first.cells[0].trials
+    assert [trial.prompt_tokens for trial in trials] == [320, 320]
+    assert all(
+        trial.score == float(retrieval.parse_first_integer(trial.output) == int(trial.answers[0])) for trial in trials
+    )
+    assert [trial.output for trial in again.cells[0].trials] == [trial.output for trial in trials]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,35 +506,39 @@ def test_passkey_runs_real_greedy_generation(model, tokenizer):
 
 def test_needle_sample_layout(tokenizer):
     document = tokenizer(_text(400, seed=1), add_special_tokens=False)["input_ids"]
-    sample = needle.build_needle_sample(tokenizer, document, 600, key="quiet-river", value=6716097)
-    assert len(sample.input_ids) == 600
-    assert sample.input_ids[0] == tokenizer.bos_token_id
+    sample = needle.build_needle_sample(tokenizer, document, 600, random.Random(3))
+    key = re.search(r"numbers for (\S+) is", tokenizer.decode(sample.input_ids)).group(1)
+    value = sample.answers[0]
+    assert len(sample.with_answer) == 600 and sample.input_ids[0] == tokenizer.bos_token_id
     text = tokenizer.decode(sample.input_ids[1:])
-    needle_line = "One of the special magic numbers for quiet-river is: 6716097."
-    assert text.startswith(needle.NEEDLE_INTRO + "\n" + needle_line + "\n")
-    question = needle.NEEDLE_QUESTION.format(key="quiet-river")
-    assert text.endswith("\n" + question + " 6716097")
-    assert tokenizer.decode(sample.input_ids[sample.answer_start :]) == " 6716097"
-    assert sample.answer_tokens == 8
-    tail_tokens = len(tokenizer("\n" + question + " 6716097", add_special_tokens=False)["input_ids"])
-    document_end = 600 - tail_tokens
-    assert sample.input_ids[document_end - sample.document_tokens : document_end] == document[: sample.document_tokens]
+    assert text.startswith(
+        retrieval.NEEDLE_INTRO + "\n\n" + f"One of the special magic numbers for {key} is: {value}.\n"
+    )
+    assert text.endswith("\n" + retrieval.PAPER.question.format(key=key))
+    assert tokenizer.decode(sample.answer_ids) == f" {value}" and len(sample.answer_ids) == 8
+    # The document's first tokens follow the needle (LongRoPE2: the book from its start).
+    start = sample.needle_positions[0] + len(
+        tokenizer(f"\nOne of the special magic numbers for {key} is: {value}.\n", add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
+    assert sample.input_ids[start : start + 50] == document[:50]
 
 
-def test_needle_answer_split_with_merging_tokenizer():
+def test_needle_sample_in_the_code_template_with_a_merging_tokenizer():
     tok = _merging_tokenizer()
-    document = tok(_text(300, seed=2), add_special_tokens=False)["input_ids"]
-    sample = needle.build_needle_sample(tok, document, 300, key="amber-kettle", value=1234567)
-    assert len(sample.input_ids) == 300
-    assert tok.decode(sample.input_ids[sample.answer_start :]).strip() == "1234567"
+    document = tok(CODE_TEXT, add_special_tokens=False)["input_ids"]
+    sample = needle.build_needle_sample(tok, document, 300, random.Random(2), words=retrieval.CODE)
+    assert len(sample.with_answer) == 300
+    assert tok.decode(sample.answer_ids).strip() == sample.answers[0]
+    assert re.search(r"assert [a-z]+_[a-z]+ ==$", tok.decode(sample.input_ids))
 
 
 def test_needle_nll_scores_exactly_the_answer_tokens(model, tokenizer):
     document = tokenizer(_text(300, seed=3), add_special_tokens=False)["input_ids"]
-    sample = needle.build_needle_sample(tokenizer, document, 512, key="odd-violin", value=9081726)
+    sample = needle.build_needle_sample(tokenizer, document, 512, random.Random(5))
     result = needle.needle_sample_nll(model, sample, loss_chunk_size=3)
-    ids = torch.tensor(sample.input_ids)
-    reference, count = _reference_nll(model, ids, sample.answer_start)
+    reference, count = _reference_nll(model, torch.tensor(sample.with_answer), len(sample.input_ids))
     assert result.scored_tokens == count == 8
     assert result.nll_sum == pytest.approx(reference, rel=1e-5)
 
@@ -471,28 +546,16 @@ def test_needle_nll_scores_exactly_the_answer_tokens(model, tokenizer):
 def test_needle_perplexity_report(model, tokenizer, monkeypatch):
     documents = [tokenizer(_text(300, seed=s), add_special_tokens=False)["input_ids"] for s in (4, 5)]
     report = needle.needle_perplexity(model, tokenizer, documents, [400, 640], seed=3, loss_chunk_size=4)
-    assert report.samples == [needle.needle_key_value(3, 0), needle.needle_key_value(3, 1)]
-    assert report.samples[0] != report.samples[1]
+    expected = [needle.build_needle_sample(tokenizer, documents[i], 400, needle.needle_rng(3, i)) for i in (0, 1)]
+    assert report.answers == [sample.answers[0] for sample in expected] and report.answers[0] != report.answers[1]
     for entry in report.per_length:
         assert [doc.scored_tokens for doc in entry.documents] == [8, 8]
-        key, value = report.samples[1]
-        sample = needle.build_needle_sample(tokenizer, documents[1], entry.length, key=key, value=value)
+        sample = needle.build_needle_sample(tokenizer, documents[1], entry.length, needle.needle_rng(3, 1))
         assert entry.documents[1].nll_sum == pytest.approx(needle.needle_sample_nll(model, sample).nll_sum, rel=1e-6)
         assert entry.ppl == pytest.approx(math.exp(entry.nll_sum / 16), rel=1e-9)
     seen = _record_backbone_inputs(model, monkeypatch)
-    with pytest.raises(LongRopeError, match=r"needle length 50: .*use lengths >= "):
+    with pytest.raises(LongRopeError, match=r"niah_single length 50: .*use lengths >= "):
         needle.needle_perplexity(model, tokenizer, documents, [400, 50])
     with pytest.raises(LongRopeError, match=r"documents\[1\]: .*shorter"):
         needle.needle_perplexity(model, tokenizer, [documents[0] * 4, documents[1]], [3000])
     assert seen == []
-
-
-def test_long_passkey_prompt_needs_few_tokenizations(monkeypatch):
-    tok = _merging_tokenizer()
-    calls = []
-    encode = passkey.encode
-    monkeypatch.setattr(passkey, "encode", lambda t, text: calls.append(len(text)) or encode(t, text))
-    prompt = passkey.build_passkey_prompt(tok, 20000, 0.5, 24680)
-    assert 20000 - _longest_filler_word_tokens(tok) - 1 <= len(prompt.input_ids) <= 20000
-    # A linear estimate plus a bracketed bisection, not a bisection over [0, length].
-    assert len(calls) <= 30
