@@ -203,7 +203,9 @@ class RopeArguments(KeyGroup):
         default=None,
         metadata={
             "help": "Attention factor: su, yarn, none or a number (default: the method's own: su for longrope and "
-            "search candidates, yarn for yarn, none for pi and ntk; a factors file's recorded value)."
+            "search candidates, yarn for yarn, none for pi and ntk; a factors file's recorded value, of which it "
+            "replaces the long set's, a short_mscale staying). search.py's short stage: the short set's, a number "
+            "or none (default: the checkpoint's attention factor)."
         },
     )
     target_length: int | None = field(
