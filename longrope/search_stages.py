@@ -4,8 +4,9 @@ Stages (LongRoPE Sec. 3.3): ``first`` searches the base model for ``target_lengt
 method marked ``search_seed`` (PI, NTK and YaRN computed by transformers); ``second`` searches a fine-tuned checkpoint
 for a further extension, seeded with its factors stretched to the new scale; ``short`` searches short factors at the
 original window on the extended model (with a lower factor cap), which go next to the unchanged long factors and
-long mscale into one factors file, with the short set's own mscale (:func:`short_stage_mscale`). The RoPE keys (``target_length``, ``rope_factors_path``, ``rope_mscale``, ``yarn_beta_*``) are
-the shared :class:`longrope.args.RopeArguments`.
+long mscale into one factors file, with the short set's own mscale (:func:`short_stage_mscale`). The RoPE keys
+(``target_length``, ``rope_factors_path``, ``rope_mscale``, ``yarn_beta_*``) are the shared
+:class:`longrope.args.RopeArguments`.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class StagePlan:
     factor_max: float | None
     target_length: int
     mscale: str | float  # of candidates without an mscale gene: a policy, or the short stage's short mscale
-    mscale_source: str = "rope_mscale"
+    mscale_source: str | None = None  # the short stage's: where its short mscale came from (provenance)
 
     @property
     def seed_mscale(self) -> float:
