@@ -12,7 +12,7 @@ ModelArguments             model_name_or_path, model_config, config_overrides,  
 RopeArguments              rope_method, rope_factors_path, rope_mscale,          search, train, evaluate (each
                            target_length, original_max_position_embeddings,      ``methods`` entry), export
                            yarn_beta_fast, yarn_beta_slow
-ExportArguments            allow_start_tokens                                    train, export
+ExportArguments            allow_start_tokens, allow_shared_mscale               train, export
 SequenceParallelArguments  sp_size                                               train, evaluate
 LossArguments              loss_chunk_size                                       search, train, evaluate
 DocumentChoiceArguments    num_documents, document_seed                          prepare, search, evaluate
@@ -210,7 +210,9 @@ class RopeArguments(KeyGroup):
         default=None,
         metadata={
             "help": "Attention factor: su, yarn, none or a number (default: the method's own: su for longrope and "
-            "search candidates, yarn for yarn, none for pi and ntk; a factors file's recorded value)."
+            "search candidates, yarn for yarn, none for pi and ntk; a factors file's recorded value, of which it "
+            "replaces the long set's, a short_mscale staying). search.py's short stage: the short set's, a number "
+            "or none (default: the checkpoint's attention factor)."
         },
     )
     target_length: int | None = field(
@@ -303,6 +305,14 @@ class ExportArguments(KeyGroup):
         metadata={
             "help": "Accept factors with start tokens > 0; the saved config (stock loaders) then drops them. Off: "
             "such factors are refused."
+        },
+    )
+    allow_shared_mscale: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept factors whose short set has its own mscale (short_mscale); the saved config (stock "
+            "loaders) then gives sequences up to the original window the long set's attention_factor. Off: such "
+            "factors are refused."
         },
     )
 

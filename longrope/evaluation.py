@@ -267,6 +267,7 @@ def evaluate_methods(
             "rope_factors_sha256": spec.resolved.sha256,
             "max_position_embeddings": spec.scaling.max_position_embeddings,
             "mscale": spec.scaling.mscale,
+            "short_mscale": spec.scaling.short_mscale,
             "start_tokens": spec.scaling.start_tokens,
             "warnings": spec.resolved.notes + length_warnings(spec, args.all_lengths),
         }

@@ -3,7 +3,7 @@
     python -m longrope.export --model_name_or_path models/tiny --rope_factors_path factors.json --output_dir outputs/tiny-2k
 
 The same keys as every script (``model_name_or_path``, ``rope_factors_path``, ``target_length`` for an official CSV,
-``allow_start_tokens``, ``output_dir``); ``--config file.yaml`` works too. The output folder is replaced whole, so it
+``allow_start_tokens``, ``allow_shared_mscale``, ``output_dir``); ``--config file.yaml`` works too. The output folder is replaced whole, so it
 must be new, empty, or an earlier export (it holds ``longrope_factors.json``); anything else is refused.
 """
 
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> str:
             raise LongRopeError("rope_factors_path: required; the factors (or rope_method) the export should carry")
         check_replaceable(output_args.output_dir, "output_dir", factors.FACTORS_FILE_NAME, "an export")
         resolved = resolve_rope(rope_args, load_config(model_args))
-        if resolved.scaling.start_tokens and not export_args.allow_start_tokens:
-            factors.to_rope_parameters(resolved.scaling)  # the one-line refusal that names --allow_start_tokens
+        # Before any weights load: the one-line refusal naming --allow_start_tokens or --allow_shared_mscale.
+        factors.to_rope_parameters(resolved.scaling, export_args.allow_start_tokens, export_args.allow_shared_mscale)
         for note in resolved.notes:
             print(f"warning: {note}", file=sys.stderr)
         model = build_model(model_args)
@@ -45,7 +45,13 @@ def main(argv: list[str] | None = None) -> str:
             tokenizer = None  # a weights-only folder exports without one
         provenance = {"factors_sha256": resolved.sha256, "exported_from": name}
         notes = factors.export_model(
-            model, resolved.scaling, output_args.output_dir, tokenizer, provenance, export_args.allow_start_tokens
+            model,
+            resolved.scaling,
+            output_args.output_dir,
+            tokenizer,
+            provenance,
+            export_args.allow_start_tokens,
+            export_args.allow_shared_mscale,
         )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

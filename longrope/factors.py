@@ -15,12 +15,15 @@ Example (``factors.json``)::
       "short_factors": null,
       "start_tokens": 0,
       "mscale": {"policy": "su", "value": 1.1677},
+      "short_mscale": {"policy": "constant", "value": 1.0},
       "provenance": {"model": "models/tiny", "data_sha256": "...", "fitness": 4.01, "settings": {...}}
     }
 
 ``short_factors`` (optional) apply to sequences no longer than the original window; without them the long
-factors apply to every length. The file converts to a stock transformers ``rope_parameters`` of
-``rope_type: longrope`` whenever ``start_tokens`` is 0, so an exported model loads with no custom code.
+factors apply to every length. ``mscale`` multiplies cos/sin of the long sequences and, unless ``short_mscale``
+(optional, written only when set) gives the short ones their own, of every sequence. The file converts to a stock
+transformers ``rope_parameters`` of ``rope_type: longrope`` whenever ``start_tokens`` is 0 and the short set shares
+the long set's mscale, so an exported model loads with no custom code.
 The official LongRoPE repository's CSV files (one factor per line, ``result_final.csv``) are readable too.
 """
 
@@ -75,6 +78,10 @@ class FactorsFile:
 
 def to_dict(scaling: RopeScaling, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     geometry = scaling.geometry
+    mscales = {"mscale": {"policy": scaling.mscale_policy, "value": scaling.mscale}}
+    if scaling.short_mscale is not None:
+        # Written only when set: a file without one reads as before (the short set uses mscale).
+        mscales["short_mscale"] = {"policy": scaling.short_mscale_policy, "value": scaling.short_mscale}
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -87,11 +94,27 @@ def to_dict(scaling: RopeScaling, provenance: dict[str, Any] | None = None) -> d
         "long_factors": [float(x) for x in scaling.long_factors],
         "short_factors": None if scaling.short_factors is None else [float(x) for x in scaling.short_factors],
         "start_tokens": scaling.start_tokens,
-        "mscale": {"policy": scaling.mscale_policy, "value": scaling.mscale},
+        **mscales,
         "dynamic": scaling.dynamic,
         "options": dict(scaling.options),
         "provenance": provenance or {},
     }
+
+
+def _mscale_entry(payload: dict[str, Any], key: str, source: str) -> tuple[float, str] | None:
+    """``{"policy": ..., "value": ...}`` of ``key`` as (value, policy); None when the key is absent."""
+    entry = payload.get(key)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not _is_number(entry.get("value")):
+        raise LongRopeError(
+            f'{source}: {key} must be an object like {{"policy": "constant", "value": 1.12}} (a number > 0), '
+            f"got {entry!r}"
+        )
+    policy = entry.get("policy", "constant")
+    if not isinstance(policy, str):
+        raise LongRopeError(f"{source}: {key}.policy must be a name (su, yarn, none, constant), got {policy!r}")
+    return float(entry["value"]), policy
 
 
 def from_dict(payload: dict[str, Any], source: str = "<dict>") -> FactorsFile:
@@ -111,9 +134,8 @@ def from_dict(payload: dict[str, Any], source: str = "<dict>") -> FactorsFile:
         value = payload.get(key)
         if value is not None and not (isinstance(value, list) and all(_is_number(x) for x in value)):
             raise LongRopeError(f"{source}: {key} must be a list of numbers")
-    mscale = payload.get("mscale", {"policy": "none", "value": 1.0})
-    if not isinstance(mscale, dict) or "value" not in mscale:
-        raise LongRopeError(f'{source}: mscale must be an object like {{"policy": "su", "value": 1.12}}')
+    mscale, mscale_policy = _mscale_entry(payload, "mscale", source) or (1.0, "none")
+    short_mscale, short_policy = _mscale_entry(payload, "short_mscale", source) or (None, "constant")
     geometry = RopeGeometry(
         float(payload["rope_theta"]),
         payload["head_dim"],
@@ -130,8 +152,10 @@ def from_dict(payload: dict[str, Any], source: str = "<dict>") -> FactorsFile:
             if payload.get("short_factors") is None
             else tuple(map(float, payload["short_factors"])),
             start_tokens=payload.get("start_tokens", 0),
-            mscale=float(mscale["value"]),
-            mscale_policy=str(mscale.get("policy", "constant")),
+            mscale=mscale,
+            mscale_policy=mscale_policy,
+            short_mscale=short_mscale,
+            short_mscale_policy=short_policy,
             dynamic=bool(payload.get("dynamic", False)),
             options=dict(payload.get("options") or {}),
         )
@@ -277,10 +301,26 @@ def write_official_csv(path: str | os.PathLike, scaling: RopeScaling) -> None:
 # transformers interoperability
 
 
-def to_rope_parameters(scaling: RopeScaling, allow_start_tokens: bool = False) -> dict[str, Any]:
+# What transformers (5.23) does with a longrope config's attention factors: ``_compute_longrope_parameters`` reads one
+# ``attention_factor`` (default sqrt(1 + ln factor / ln original)) and every model's rotary module multiplies cos/sin of
+# short and long sequences alike by it. ``short_mscale`` / ``long_mscale`` are read only by PhiMoE's own rotary module
+# (and the OpenVINO exporter); Llama, Phi-3 and the others log "Unrecognized keys in rope_parameters" and ignore them.
+# So a short set with its own mscale cannot be expressed for a stock loader; writing those keys would only look as if
+# it were.
+
+
+def has_own_short_mscale(scaling: RopeScaling) -> bool:
+    """Whether the short sequences' mscale differs from the long ones' (what one ``attention_factor`` cannot hold)."""
+    return not math.isclose(scaling.short_set_mscale, scaling.mscale, rel_tol=1e-9)
+
+
+def to_rope_parameters(
+    scaling: RopeScaling, allow_start_tokens: bool = False, allow_shared_mscale: bool = False
+) -> dict[str, Any]:
     """A stock transformers ``rope_parameters`` (``rope_type: longrope``) that reproduces ``scaling``.
 
-    Start tokens cannot be expressed there; with ``allow_start_tokens`` they are dropped (see :func:`export_model`).
+    Start tokens cannot be expressed there; with ``allow_start_tokens`` they are dropped. Neither can a short set's
+    own mscale; with ``allow_shared_mscale`` the long set's serves every length (see :func:`export_model`).
     """
     if scaling.dynamic:
         raise LongRopeError(
@@ -291,6 +331,12 @@ def to_rope_parameters(scaling: RopeScaling, allow_start_tokens: bool = False) -
         raise LongRopeError(
             f"start_tokens = {scaling.start_tokens}: stock transformers cannot keep the first positions "
             "un-interpolated; pass allow_start_tokens=True (--allow_start_tokens) to export without them"
+        )
+    if has_own_short_mscale(scaling) and not allow_shared_mscale:
+        raise LongRopeError(
+            f"short_mscale = {scaling.short_set_mscale:.4g} differs from mscale = {scaling.mscale:.4g}: stock "
+            "transformers' longrope applies one attention_factor to every length; pass allow_shared_mscale=True "
+            f"(--allow_shared_mscale) to export the long set's {scaling.mscale:.4g} for every length"
         )
     geometry = scaling.geometry
     short = scaling.short_factors if scaling.short_factors is not None else scaling.long_factors
@@ -308,10 +354,12 @@ def to_rope_parameters(scaling: RopeScaling, allow_start_tokens: bool = False) -
     return parameters
 
 
-def apply_to_config(config: Any, scaling: RopeScaling, allow_start_tokens: bool = False) -> Any:
+def apply_to_config(
+    config: Any, scaling: RopeScaling, allow_start_tokens: bool = False, allow_shared_mscale: bool = False
+) -> Any:
     """Return a copy of ``config`` whose RoPE settings are ``scaling`` (for saving checkpoints)."""
     config = copy.deepcopy(config)
-    config.rope_parameters = to_rope_parameters(scaling, allow_start_tokens)
+    config.rope_parameters = to_rope_parameters(scaling, allow_start_tokens, allow_shared_mscale)
     config.max_position_embeddings = scaling.max_position_embeddings
     if hasattr(config, "original_max_position_embeddings"):
         # Phi-3 keeps the pre-training window at the top level, and transformers prefers it there.
@@ -327,6 +375,25 @@ def start_token_loss_note(scaling: RopeScaling) -> str:
     )
 
 
+def shared_mscale_loss_note(scaling: RopeScaling) -> str:
+    original = scaling.geometry.original_max_position_embeddings
+    return (
+        f"short_mscale = {scaling.short_set_mscale:.4g} dropped: a stock loader scales sequences of at most {original} "
+        f"tokens by the long set's attention_factor {scaling.mscale:.4g} instead, so its logits on them differ from "
+        "the LongRoPE model's (longer sequences are unchanged); load with longrope.rope.install to keep it"
+    )
+
+
+def stock_loader_notes(scaling: RopeScaling) -> list[str]:
+    """What a stock loader of ``scaling``'s exported config loses, one note per dropped setting."""
+    notes = []
+    if scaling.start_tokens:
+        notes.append(start_token_loss_note(scaling))
+    if has_own_short_mscale(scaling):
+        notes.append(shared_mscale_loss_note(scaling))
+    return notes
+
+
 def export_model(
     model: Any,
     scaling: RopeScaling,
@@ -334,22 +401,21 @@ def export_model(
     tokenizer: Any = None,
     provenance: dict[str, Any] | None = None,
     allow_start_tokens: bool = False,
+    allow_shared_mscale: bool = False,
 ) -> list[str]:
     """Save ``model`` (weights as safetensors) with a stock ``longrope`` rope config to ``output_dir``.
 
     The directory appears complete or not at all (written beside it, then renamed). Returns notes for the user,
-    e.g. what a stock loader loses when start tokens were dropped. The factors file is saved inside as
-    ``longrope_factors.json``.
+    e.g. what a stock loader loses when start tokens or the short set's own mscale were dropped. The factors file is
+    saved inside as ``longrope_factors.json``.
     """
-    notes = []
-    if scaling.start_tokens:
-        to_rope_parameters(scaling, allow_start_tokens)  # refuses unless allowed
-        notes.append(start_token_loss_note(scaling))
+    to_rope_parameters(scaling, allow_start_tokens, allow_shared_mscale)  # refuses what is not allowed
+    notes = stock_loader_notes(scaling)
     output_dir = Path(output_dir)
     staging = staging_directory(output_dir)
     original_config = model.config
     try:
-        model.config = apply_to_config(original_config, scaling, allow_start_tokens)
+        model.config = apply_to_config(original_config, scaling, allow_start_tokens, allow_shared_mscale)
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -364,7 +430,8 @@ def export_model(
 
 
 def is_close(a: RopeScaling, b: RopeScaling, rel_tol: float = 1e-9) -> bool:
-    """Same factors, start tokens, mscale and lengths (up to float noise)."""
+    """Same factors, start tokens, mscales and lengths (up to float noise); an unset short mscale equals one set to
+    the long mscale (both scale the short sequences alike)."""
 
     def same(x, y):
         if x is None or y is None:
@@ -378,6 +445,7 @@ def is_close(a: RopeScaling, b: RopeScaling, rel_tol: float = 1e-9) -> bool:
         and same(a.short_factors, b.short_factors)
         and a.start_tokens == b.start_tokens
         and math.isclose(a.mscale, b.mscale, rel_tol=rel_tol)
+        and math.isclose(a.short_set_mscale, b.short_set_mscale, rel_tol=rel_tol)
     )
 
 
@@ -404,7 +472,9 @@ def load_for_model(
 def from_model_config(config: Any, geometry: RopeGeometry | None = None) -> RopeScaling | None:
     """The LongRoPE factors a checkpoint's config carries (``rope_type: longrope``), or None.
 
-    The inverse of :func:`apply_to_config`: short factors equal to the long ones mean "no short set".
+    The inverse of :func:`apply_to_config`: short factors equal to the long ones mean "no short set". Phi-3-small
+    and PhiMoE configs carry ``long_mscale`` / ``short_mscale`` (their rotary modules apply those, not
+    ``attention_factor``); when present they are the long and short sets' mscales.
     """
     from longrope.rope import longrope_scaling
 
@@ -419,12 +489,19 @@ def from_model_config(config: Any, geometry: RopeGeometry | None = None) -> Rope
         )
     long_factors = parameters["long_factor"]
     short = parameters.get("short_factor")
+    for key in ("long_mscale", "short_mscale"):
+        value = parameters.get(key)
+        if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
+            raise LongRopeError(
+                f"model config: rope_parameters.{key} = {value!r} must be a number > 0; fix the config"
+            )
     return longrope_scaling(
         geometry,
         config.max_position_embeddings,
         long_factors,
         None if short == long_factors else short,
-        mscale=parameters.get("attention_factor") or "su",
+        mscale=parameters.get("long_mscale") or parameters.get("attention_factor") or "su",
+        short_mscale=parameters.get("short_mscale"),
     )
 
 
@@ -464,11 +541,13 @@ __all__ = [
     "export_model",
     "from_dict",
     "from_model_config",
+    "has_own_short_mscale",
     "is_close",
     "load",
     "load_for_model",
     "read_official_csv",
     "save",
+    "stock_loader_notes",
     "to_dict",
     "to_rope_parameters",
     "write_official_csv",

@@ -189,7 +189,12 @@ def prepare_model(
 
     model = build_model(model_args, tokenizer, config=config)
     if rope is not None and rope.method != "none":
-        install_rope(model, rope, allow_start_tokens=bool(export_args and export_args.allow_start_tokens))
+        install_rope(
+            model,
+            rope,
+            allow_start_tokens=bool(export_args and export_args.allow_start_tokens),
+            allow_shared_mscale=bool(export_args and export_args.allow_shared_mscale),
+        )
     if options is not None and getattr(options, "lora_r", 0):
         from longrope.lora import apply_lora
 

@@ -13,6 +13,9 @@ Vocabulary (used across the project):
 - **long / short factors**: the long set applies to sequences longer than the original window, the short set (if
   any) to the others. The choice is made per *sequence* from its global length (the largest position id + 1 over
   all sequence-parallel ranks), or forced with :func:`select_factors`; never from one rank's shard.
+- **short mscale** (Phi-3-small's ``short_mscale``): the mscale of the short set; unset, the short set uses ``mscale``.
+  A checkpoint fine-tuned long with mscale m has adapted to m, and the short set searched at the original window
+  need not share the long set's m (the 64x m is larger than the one the checkpoint was trained with).
 
 **Methods are registered once** (:func:`register_method`): the registry is the only list of methods, and the entry
 points, the search seeds, config validation and the factors export all read it. The baselines (PI, NTK-aware,
@@ -102,8 +105,9 @@ class RopeScaling:
     """A complete, model-independent description of how positions are rotated.
 
     ``long_factors`` apply to sequences longer than ``geometry.original_max_position_embeddings`` and, when
-    ``short_factors`` is None, to every sequence. ``dynamic`` (dynamic NTK only) recomputes the factors from each
-    sequence's length; ``long_factors`` then holds the factors at ``max_position_embeddings``.
+    ``short_factors`` is None, to every sequence. ``mscale`` multiplies the long sequences' cos/sin and
+    ``short_mscale`` the others' (None: ``mscale`` too). ``dynamic`` (dynamic NTK only) recomputes the factors from
+    each sequence's length; ``long_factors`` then holds the factors at ``max_position_embeddings``.
     """
 
     method: str
@@ -114,6 +118,8 @@ class RopeScaling:
     start_tokens: int = 0
     mscale: float = 1.0
     mscale_policy: str = "none"
+    short_mscale: float | None = None
+    short_mscale_policy: str = "constant"
     dynamic: bool = False
     options: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -123,8 +129,20 @@ class RopeScaling:
             validate_factors(self.short_factors, self.geometry, "short_factors")
         if not isinstance(self.start_tokens, int) or self.start_tokens < 0:
             raise LongRopeError(f"start_tokens must be an integer >= 0, got {self.start_tokens!r}")
-        if not (math.isfinite(self.mscale) and self.mscale > 0):
-            raise LongRopeError(f"mscale must be a finite number > 0, got {self.mscale!r}")
+        for name in ("mscale", "short_mscale"):
+            value = getattr(self, name)
+            if value is None and name == "short_mscale":
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise LongRopeError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.dynamic and self.short_mscale is not None:
+            raise LongRopeError(
+                "short_mscale: dynamic NTK recomputes its factors per length and has no short set; drop short_mscale"
+            )
         original = self.geometry.original_max_position_embeddings
         if self.max_position_embeddings < original:
             raise LongRopeError(
@@ -135,6 +153,11 @@ class RopeScaling:
     @property
     def scale(self) -> float:
         return self.max_position_embeddings / self.geometry.original_max_position_embeddings
+
+    @property
+    def short_set_mscale(self) -> float:
+        """The mscale of sequences no longer than the original window."""
+        return self.mscale if self.short_mscale is None else self.short_mscale
 
     def replace(self, **changes: Any) -> RopeScaling:
         return RopeScaling(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
@@ -332,9 +355,11 @@ def longrope_scaling(
     short_factors: Sequence[float] | None = None,
     start_tokens: int = 0,
     mscale: str | float | None = "su",
+    short_mscale: float | None = None,
     **_: Any,
 ) -> RopeScaling:
-    """LongRoPE: searched per-pair factors (long, optionally short), start tokens n̂ and an mscale policy."""
+    """LongRoPE: searched per-pair factors (long, optionally short), start tokens n̂, an mscale policy and optionally
+    the short set's own mscale (a number; None: the short set uses ``mscale``)."""
     _check_target(geometry, target_length, "longrope")
     scale = target_length / geometry.original_max_position_embeddings
     value, policy = resolve_mscale(
@@ -349,6 +374,7 @@ def longrope_scaling(
         start_tokens,
         value,
         policy,
+        None if short_mscale is None else float(short_mscale),
     )
 
 
@@ -502,26 +528,30 @@ class ScaledRotaryEmbedding(nn.Module):
             torch.distributed.all_reduce(lengths, op=torch.distributed.ReduceOp.MAX, group=group)
         return lengths
 
-    def _row_inv_freq(self, position_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Frequencies per sequence, shape [batch, pairs]."""
+    def _rows(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Per sequence: frequencies [batch, pairs] and mscale (a number, or [batch] when the rows' sets differ)."""
         scaling = self.scaling
         batch = position_ids.shape[0]
         long_inv = self._on("long", self._long_inv_freq, device)
-        if self.selection == "long" or (self._short_inv_freq is None and not scaling.dynamic):
-            return long_inv.expand(batch, -1)
+        # Without a short set the long factors serve every length, so forcing "short" changes only the mscale.
+        short_inv = long_inv if self._short_inv_freq is None else self._on("short", self._short_inv_freq, device)
+        one_set = self._short_inv_freq is None and scaling.short_mscale is None and not scaling.dynamic
+        if self.selection == "long" or one_set:
+            return long_inv.expand(batch, -1), scaling.mscale
         if self.selection == "short":
-            # Without a short set the long factors serve every length, so forcing "short" changes nothing.
-            short = self._short_inv_freq if self._short_inv_freq is not None else self._long_inv_freq
-            return self._on("short", short, device).expand(batch, -1)
+            return short_inv.expand(batch, -1), scaling.short_set_mscale
         lengths = self.sequence_lengths(position_ids).tolist()
         if scaling.dynamic:
             rows = [self._dynamic_inv_freq(int(length)) for length in lengths]
-            return torch.stack(rows).to(device=device, dtype=_angle_dtype(device))
-        short_inv = self._on("short", self._short_inv_freq, device)
+            return torch.stack(rows).to(device=device, dtype=_angle_dtype(device)), scaling.mscale
         is_long = torch.tensor(
             [length > scaling.geometry.original_max_position_embeddings for length in lengths], device=device
         )
-        return torch.where(is_long[:, None], long_inv, short_inv)
+        inv_freq = torch.where(is_long[:, None], long_inv, short_inv)
+        if scaling.short_mscale is None:
+            return inv_freq, scaling.mscale
+        mscale = torch.tensor([scaling.mscale, scaling.short_mscale], device=device, dtype=long_inv.dtype)
+        return inv_freq, torch.where(is_long, mscale[0], mscale[1])
 
     def _dynamic_inv_freq(self, length: int) -> torch.Tensor:
         if length not in self._dynamic_cache:
@@ -534,18 +564,17 @@ class ScaledRotaryEmbedding(nn.Module):
         device = x.device
         positions = position_ids.to(_angle_dtype(device))
         with torch.autocast(device_type=device.type if device.type != "mps" else "cpu", enabled=False):
-            inv_freq = self._row_inv_freq(position_ids, device)
+            inv_freq, row_mscale = self._rows(position_ids, device)
             freqs = positions[..., None] * inv_freq[:, None, :]
-            mscale: torch.Tensor | float = self.scaling.mscale
+            # [batch, 1, 1] against cos/sin [batch, positions, rotary_dim] when the rows' mscales differ.
+            mscale = row_mscale[:, None, None] if isinstance(row_mscale, torch.Tensor) else row_mscale
             start_tokens = self.scaling.start_tokens
             if start_tokens > 0:
                 # Eq. 3: the first n̂ positions keep the original angles (and, as in the official code, no mscale).
                 is_start = (position_ids < start_tokens)[..., None]
                 original = positions[..., None] * self._on("base", self._base_inv_freq, device)
                 freqs = torch.where(is_start, original, freqs)
-                mscale = torch.where(
-                    is_start, 1.0, torch.tensor(self.scaling.mscale, device=device, dtype=freqs.dtype)
-                )
+                mscale = torch.where(is_start, 1.0, torch.as_tensor(mscale, device=device, dtype=freqs.dtype))
             emb = torch.cat((freqs, freqs), dim=-1)
             cos = emb.cos() * mscale
             sin = emb.sin() * mscale
@@ -556,7 +585,7 @@ class ScaledRotaryEmbedding(nn.Module):
         return (
             f"method={s.method}, pairs={s.geometry.num_pairs}, original={s.geometry.original_max_position_embeddings}, "
             f"target={s.max_position_embeddings}, start_tokens={s.start_tokens}, mscale={s.mscale:.4f}, "
-            f"selection={self.selection}"
+            f"short_mscale={s.short_set_mscale:.4f}, selection={self.selection}"
         )
 
 

@@ -34,9 +34,10 @@ class ResolvedRope:
     def summary(self) -> str:
         scaling = self.scaling
         source = self.factors_path or "computed"
+        short = "" if scaling.short_mscale is None else f", short mscale {scaling.short_mscale:.4f}"
         return (
-            f"{scaling.method} {scaling.scale:g}x to {scaling.max_position_embeddings}, mscale {scaling.mscale:.4f} "
-            f"({source})"
+            f"{scaling.method} {scaling.scale:g}x to {scaling.max_position_embeddings}, mscale {scaling.mscale:.4f}"
+            f"{short} ({source})"
         )
 
 
@@ -114,15 +115,19 @@ def with_original_short_factors(resolved: ResolvedRope) -> ResolvedRope:
 SHA256_CONFIG_KEY = "longrope_factors_sha256"
 
 
-def install_rope(model: Any, resolved: ResolvedRope, allow_start_tokens: bool = False) -> None:
+def install_rope(
+    model: Any, resolved: ResolvedRope, allow_start_tokens: bool = False, allow_shared_mscale: bool = False
+) -> None:
     """Install the scaling in place and make the config (so every checkpoint) describe it for stock loaders."""
     rope.install(model, resolved.scaling)
-    model.config = config_with_rope(model.config, resolved, allow_start_tokens)
+    model.config = config_with_rope(model.config, resolved, allow_start_tokens, allow_shared_mscale)
 
 
-def config_with_rope(config: Any, resolved: ResolvedRope, allow_start_tokens: bool = False) -> Any:
+def config_with_rope(
+    config: Any, resolved: ResolvedRope, allow_start_tokens: bool = False, allow_shared_mscale: bool = False
+) -> Any:
     """A copy of ``config`` that describes ``resolved`` (stock ``rope_type: longrope``, the factors' sha256)."""
-    updated = factors_io.apply_to_config(config, resolved.scaling, allow_start_tokens=allow_start_tokens)
+    updated = factors_io.apply_to_config(config, resolved.scaling, allow_start_tokens, allow_shared_mscale)
     if resolved.sha256 is not None:
         setattr(updated, SHA256_CONFIG_KEY, resolved.sha256)
     return updated

@@ -3,9 +3,10 @@
 Stages (LongRoPE Sec. 3.3): ``first`` searches the base model for ``target_length``, seeded with every registered
 method marked ``search_seed`` (PI, NTK and YaRN computed by transformers); ``second`` searches a fine-tuned checkpoint
 for a further extension, seeded with its factors stretched to the new scale; ``short`` searches short factors at the
-original window on the extended model (with a lower factor cap), which go next to the unchanged long factors into
-one factors file. The RoPE keys (``target_length``, ``rope_factors_path``, ``rope_mscale``, ``yarn_beta_*``) are
-the shared :class:`longrope.args.RopeArguments`.
+original window on the extended model (with a lower factor cap), which go next to the unchanged long factors and
+long mscale into one factors file, with the short set's own mscale (:func:`short_stage_mscale`). The RoPE keys
+(``target_length``, ``rope_factors_path``, ``rope_mscale``, ``yarn_beta_*``) are the shared
+:class:`longrope.args.RopeArguments`.
 """
 
 from __future__ import annotations
@@ -132,6 +133,30 @@ def candidate_mscale(rope_args: RopeArguments) -> str | float:
     return rope.parse_mscale(rope_args.rope_mscale) if rope_args.rope_mscale is not None else DEFAULT_MSCALE
 
 
+def short_stage_mscale(rope_args: RopeArguments, trained: rope.RopeScaling | None) -> tuple[float, str]:
+    """The short candidates' mscale (without ``search_mscale``; with it, where the search starts) and its source.
+
+    ``rope_mscale`` when given (a number, or none = 1.0). Otherwise the mscale the checkpoint applies to sequences at
+    the original window, read from its config: its ``short_mscale`` if it has one, else its ``attention_factor``, the
+    factor it was fine-tuned with. Its weights adapted to that scaling of the attention logits (by mscale²); the long
+    set's mscale grows with the new scale (su: 1.17 at 8x, 1.32 at 64x on a 256 window) and would sharpen attention
+    at short lengths beyond anything trained. A config without longrope factors (a model never fine-tuned long) gives
+    1.0: the original RoPE.
+    """
+    if rope_args.rope_mscale is not None:
+        value = rope.parse_mscale(rope_args.rope_mscale)
+        if value in ("su", "yarn"):
+            raise LongRopeError(
+                f"rope_mscale: {value} is a formula of the scale, but the short stage's candidates serve lengths up "
+                "to the original window (scale <= 1); give a number (e.g. 1.0) or drop rope_mscale for the "
+                "checkpoint's attention factor"
+            )
+        return (1.0, "rope_mscale none") if value == "none" else (float(value), "rope_mscale")
+    if trained is None:
+        return 1.0, "the original RoPE (the checkpoint's config has no longrope factors)"
+    return trained.short_set_mscale, "the checkpoint's attention factor (its config)"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stages: geometry, seeds and how a candidate becomes a RopeScaling
 
@@ -164,14 +189,19 @@ class StagePlan:
     base: rope.RopeScaling | None  # the input factors (second/short stage)
     factor_max: float | None
     target_length: int
-    mscale: str | float
+    mscale: str | float  # of candidates without an mscale gene: a policy, or the short stage's short mscale
+    mscale_source: str | None = None  # the short stage's: where its short mscale came from (provenance)
+
+    @property
+    def seed_mscale(self) -> float:
+        """The mscale value the seeds carry when the mscale is searched (the gene needs a starting point)."""
+        return rope.resolve_mscale(self.mscale, self.scale, self.geometry.original_max_position_embeddings)[0]
 
 
 def plan_stage(args: SearchArguments, rope_args: RopeArguments, model_config: Any) -> StagePlan:
     geometry = rope.RopeGeometry.from_config(model_config, rope_args.original_max_position_embeddings)
     original = geometry.original_max_position_embeddings
     target = rope_args.target_length
-    mscale = candidate_mscale(rope_args)
     base = _input_factors(args, rope_args, model_config, geometry)
     if args.stage == "short":
         if target > original:
@@ -199,13 +229,15 @@ def plan_stage(args: SearchArguments, rope_args: RopeArguments, model_config: An
         trained = factors.from_model_config(model_config, geometry)
         if trained is not None and len(trained.long_factors) == len(base.long_factors):
             seeds["trained"] = Candidate(tuple(min(float(v), cap) for v in trained.long_factors))
-        return StagePlan(geometry, cap, seeds, base, cap, target, mscale)
+        short_mscale, source = short_stage_mscale(rope_args, trained)
+        return StagePlan(geometry, cap, seeds, base, cap, target, short_mscale, source)
     if target <= original:
         raise LongRopeError(
             f"target_length: {target} must be larger than the original length {original} "
             f"(stage {args.stage}); the short stage searches at the original window"
         )
     scale = target / original
+    mscale = candidate_mscale(rope_args)
     options = {
         "mscale": mscale,
         "yarn_beta_fast": rope_args.yarn_beta_fast,
@@ -228,14 +260,21 @@ def plan_stage(args: SearchArguments, rope_args: RopeArguments, model_config: An
     return StagePlan(geometry, scale, seeds, base, None, target, mscale)
 
 
-def seeds_within_space(seeds: dict[str, Candidate], config: EvolutionConfig) -> dict[str, Candidate]:
+def seeds_within_space(
+    seeds: dict[str, Candidate], config: EvolutionConfig, mscale: float | None = None
+) -> dict[str, Candidate]:
     """Derived seeds clipped into the search space: searched factors may exceed their scale (up to 1.25 s), so
-    stretched or compressed to another scale they can cross the new bounds (clipping keeps them monotone)."""
-    low, high = config.space.factor_min, config.space.factor_max
-    return {
-        name: dataclasses.replace(seed, factors=tuple(min(max(v, low), high) for v in seed.factors))
-        for name, seed in seeds.items()
-    }
+    stretched or compressed to another scale they can cross the new bounds (clipping keeps them monotone). When the
+    mscale is searched, a seed without one starts from ``mscale`` (the stage's), clipped into its bounds too."""
+    space = config.space
+    low, high = space.factor_min, space.factor_max
+    fitted = {}
+    for name, seed in seeds.items():
+        seed = dataclasses.replace(seed, factors=tuple(min(max(v, low), high) for v in seed.factors))
+        if space.search_mscale and seed.mscale is None and mscale is not None:
+            seed = dataclasses.replace(seed, mscale=min(max(mscale, space.mscale_min), space.mscale_max))
+        fitted[name] = seed
+    return fitted
 
 
 def _input_factors(
@@ -257,14 +296,13 @@ def _input_factors(
 def scaling_for(args: SearchArguments, plan: StagePlan, candidate: Candidate) -> rope.RopeScaling:
     mscale: Any = candidate.mscale if candidate.mscale is not None else plan.mscale
     if args.stage == "short":
-        base = plan.base
-        return rope.longrope_scaling(
-            plan.geometry,
-            base.max_position_embeddings,
-            base.long_factors,
-            candidate.factors,
-            start_tokens=base.start_tokens,
-            mscale=base.mscale,
+        # The input's long factors, long mscale (and its policy) and start tokens stay exactly as they were.
+        return plan.base.replace(
+            method="longrope",
+            short_factors=candidate.factors,
+            short_mscale=float(mscale),
+            short_mscale_policy="constant",
+            dynamic=False,
         )
     return rope.longrope_scaling(
         plan.geometry, plan.target_length, candidate.factors, start_tokens=candidate.start_tokens, mscale=mscale

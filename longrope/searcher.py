@@ -140,7 +140,7 @@ def run_search(
     ensure_prepared(args.documents_path, args.documents_prepare_config)
     samples, info = select_documents(args.documents_path, plan.target_length, args.num_documents, args.document_seed)
     samples_sha = info["sha256"]
-    search = EvolutionSearch(config, seeds_within_space(plan.seeds, config))
+    search = EvolutionSearch(config, seeds_within_space(plan.seeds, config, plan.seed_mscale))
     settings = _resume_settings(args, rope_args, model_args, samples_sha)
     run_log: list[dict[str, Any]] = []
     state_path = output_dir / STATE_FILE
@@ -293,6 +293,9 @@ def _finish(
         "evaluated_tokens": search.sample_units * plan.target_length,
         "input_factors": rope_args.rope_factors_path,
     }
+    if args.stage == "short":
+        searched = f" {plan.seed_mscale:.4g}, searched from there" if search.config.space.search_mscale else ""
+        provenance["short_mscale_source"] = f"{plan.mscale_source}{searched}"
     summary = {
         "best_fitness": best.fitness,
         "seed_fitness": seeds,
@@ -304,6 +307,7 @@ def _finish(
         "factors_path": str(output_dir / FACTORS_FILE),
         "start_tokens": scaling.start_tokens,
         "mscale": scaling.mscale,
+        "short_mscale": scaling.short_mscale,
     }
     if distributed.is_main():
         factors.save(output_dir / FACTORS_FILE, scaling, provenance)

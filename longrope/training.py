@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from longrope import distributed, rope, sequence_parallel
+from longrope import factors as factors_io
 from longrope.errors import LongRopeError
 from longrope.rope_config import SHA256_CONFIG_KEY, ResolvedRope, config_with_rope, resolve_rope
 
@@ -49,6 +50,13 @@ def check_trainable_rope(resolved: ResolvedRope, export_args: Any, training_args
             f"rope_factors_path: {resolved.factors_path} keeps {resolved.scaling.start_tokens} start tokens, which the "
             "saved config cannot express; set allow_start_tokens: true to train with them anyway, or use factors "
             "with start tokens 0"
+        )
+    if factors_io.has_own_short_mscale(resolved.scaling) and not export_args.allow_shared_mscale:
+        raise LongRopeError(
+            f"rope_factors_path: {resolved.factors_path} gives the short set mscale "
+            f"{resolved.scaling.short_set_mscale:.4g} but the long set {resolved.scaling.mscale:.4g}, which the saved "
+            "config (one attention_factor) cannot express; set allow_shared_mscale: true to train with them anyway, "
+            "or use factors without short_mscale"
         )
     if training_args.mixed_context_windows and resolved.method == "none":
         raise LongRopeError("mixed_context_windows: needs a rope_method (the long factors); set rope_method")
@@ -188,7 +196,9 @@ def train(model_args: Any, rope_args: Any, export_args: Any, data_args: Any, tra
             resolved = with_original_short_factors(resolved)
         run_config = model_config
         if resolved.method != "none":
-            run_config = config_with_rope(model_config, resolved, export_args.allow_start_tokens)
+            run_config = config_with_rope(
+                model_config, resolved, export_args.allow_start_tokens, export_args.allow_shared_mscale
+            )
     elif model_args.model_config is not None:
         if rope_args.method != "none" or training_args.sp_size > 1 or training_args.lora_r:
             raise LongRopeError(

@@ -205,3 +205,138 @@ def test_export_command_line(tmp_path, capsys):
     assert stock.config.max_position_embeddings == TARGET
     assert factors.main(["show", str(path)]) == 0
     assert '"start_tokens": 2' in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The short set's own mscale (short_mscale)
+
+
+def test_short_mscale_round_trips_and_is_written_only_when_set(tmp_path, capsys):
+    with_own = sample_scaling().replace(short_mscale=1.05)
+    path = tmp_path / "own.json"
+    factors.save(path, with_own)
+    payload = json.loads(path.read_text())
+    assert payload["short_mscale"] == {"policy": "constant", "value": 1.05}
+    loaded = factors.load(path).scaling
+    assert loaded.short_mscale == 1.05 and loaded.mscale == with_own.mscale and loaded.mscale_policy == "su"
+    assert factors.is_close(loaded, with_own)
+    assert not factors.is_close(loaded, sample_scaling())
+    assert "short_mscale" not in factors.to_dict(sample_scaling())
+    # An unset short mscale and one equal to the long mscale scale the short sequences alike.
+    assert factors.is_close(sample_scaling().replace(short_mscale=sample_scaling().mscale), sample_scaling())
+    assert factors.main(["show", str(path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["short_mscale"]["value"] == 1.05 and shown["mscale"]["policy"] == "su"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (1.05, r'short_mscale must be an object like \{"policy": "constant", "value": 1.12\}'),
+        ({"policy": "constant"}, "short_mscale must be an object like"),
+        ({"value": "high"}, "short_mscale must be an object like"),
+        ({"value": True}, "short_mscale must be an object like"),
+        ({"value": 1.1, "policy": 3}, r"short_mscale.policy must be a name"),
+        ({"value": -1.0}, "f.json: short_mscale must be a finite number > 0, got -1.0"),
+        ({"value": 0}, "short_mscale must be a finite number > 0"),
+    ],
+)
+def test_bad_short_mscale_is_one_line(tmp_path, entry, message):
+    payload = {**factors.to_dict(sample_scaling()), "short_mscale": entry}
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(LongRopeError, match=message) as raised:
+        factors.load(path)
+    assert "\n" not in str(raised.value)
+
+
+def test_checkpoint_configs_with_phi3_small_style_mscales_are_read():
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        num_attention_heads=1,
+        head_dim=32,
+        max_position_embeddings=TARGET,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    scaling = sample_scaling()
+    config.rope_parameters = factors.to_rope_parameters(scaling)
+    plain = factors.from_model_config(config, GEOMETRY)
+    assert plain.mscale == pytest.approx(scaling.mscale) and plain.short_mscale is None
+    config.rope_parameters = {**config.rope_parameters, "long_mscale": 1.19, "short_mscale": 1.0}
+    both = factors.from_model_config(config, GEOMETRY)
+    # Phi-3-small / PhiMoE apply these and ignore attention_factor.
+    assert both.mscale == 1.19 and both.short_mscale == 1.0 and both.short_set_mscale == 1.0
+    config.rope_parameters["short_mscale"] = "one"
+    with pytest.raises(LongRopeError, match=r"rope_parameters.short_mscale = 'one' must be a number > 0"):
+        factors.from_model_config(config, GEOMETRY)
+
+
+def test_rope_parameters_refuse_an_own_short_mscale_unless_shared_mscale_is_allowed():
+    scaling = sample_scaling().replace(short_mscale=1.0)
+    with pytest.raises(
+        LongRopeError, match=r"short_mscale = 1 differs from mscale = 1.1[0-9]*: .*allow_shared_mscale"
+    ):
+        factors.to_rope_parameters(scaling)
+    parameters = factors.to_rope_parameters(scaling, allow_shared_mscale=True)
+    assert parameters["attention_factor"] == pytest.approx(scaling.mscale)
+    assert not {"short_mscale", "long_mscale"} & set(parameters), "keys stock Llama would only warn about"
+    # Equal to the long mscale, one attention_factor says it all: nothing to refuse.
+    assert factors.to_rope_parameters(sample_scaling().replace(short_mscale=sample_scaling().mscale))
+
+
+def test_export_with_an_own_short_mscale_says_what_is_lost(tmp_path):
+    model = tiny_model("llama")
+    geometry = rope.RopeGeometry.from_config(model.config)
+    long_factors = [1.0 + 0.3 * i for i in range(geometry.num_pairs)]
+    short_factors = [1.0 + 0.02 * i for i in range(geometry.num_pairs)]
+    scaling = rope.longrope_scaling(geometry, TARGET, long_factors, short_factors, mscale="su", short_mscale=1.0)
+    with pytest.raises(LongRopeError, match="allow_shared_mscale"):
+        factors.export_model(model, scaling, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    notes = factors.export_model(model, scaling, tmp_path / "lossy", allow_shared_mscale=True)
+    assert len(notes) == 1 and "short_mscale = 1 dropped" in notes[0] and f"at most {ORIGINAL_LENGTH}" in notes[0]
+    assert factors.load(tmp_path / "lossy" / "longrope_factors.json").scaling.short_mscale == 1.0
+
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lossy").eval()
+    assert not rope.installed_modules(stock)
+    rope.install(model, scaling)
+    shared = tiny_model("llama")
+    rope.install(shared, scaling.replace(short_mscale=None))
+    x = torch.zeros(1, dtype=torch.float32)
+    short_positions = torch.arange(ORIGINAL_LENGTH // 2)[None]
+    # A stock loader's cos/sin of a short sequence are ours times long mscale / short mscale, exactly that ratio...
+    stock_cos, _ = stock.model.rotary_emb(x, short_positions)
+    our_cos, _ = rope.installed_modules(model)[0](x, short_positions)
+    # (up to stock transformers' fp32 angles, ~2e-6 here)
+    torch.testing.assert_close(stock_cos, our_cos * scaling.mscale / 1.0, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        short_ids, long_ids = _input_ids(ORIGINAL_LENGTH // 2), _input_ids(3 * ORIGINAL_LENGTH)
+        # ...so its short logits are those of the long mscale everywhere, not ours; long sequences are unchanged.
+        torch.testing.assert_close(
+            stock(input_ids=short_ids).logits, shared(input_ids=short_ids).logits, atol=1e-5, rtol=0
+        )
+        assert not torch.allclose(stock(input_ids=short_ids).logits, model(input_ids=short_ids).logits, atol=1e-3)
+        torch.testing.assert_close(
+            stock(input_ids=long_ids).logits, model(input_ids=long_ids).logits, atol=1e-5, rtol=0
+        )
+
+
+def test_export_command_line_names_and_takes_allow_shared_mscale(tmp_path, capsys):
+    from longrope import export
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    path = tmp_path / "f.json"
+    scaling = rope.longrope_scaling(rope.RopeGeometry.from_config(model.config), TARGET, [2.0] * 16, short_mscale=1.0)
+    factors.save(path, scaling)
+    args = ["--model_name_or_path", str(tmp_path / "base"), "--rope_factors_path", str(path)]
+    args += ["--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as refused:
+        export.main(args)
+    assert refused.value.code == 2
+    assert "--allow_shared_mscale" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    export.main([*args, "--allow_shared_mscale", "true"])
+    assert "short_mscale = 1 dropped" in capsys.readouterr().err
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert stock.config.rope_parameters["attention_factor"] == pytest.approx(scaling.mscale)

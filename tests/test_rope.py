@@ -197,6 +197,67 @@ def test_selection_per_sequence_and_forced():
     torch.testing.assert_close(module(x, position_ids)[0][0], long_only(x, position_ids[:1])[0][0])
 
 
+def test_short_mscale_scales_the_short_rows_only():
+    geometry = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
+    long_factors, short_factors = [4.0] * 16, [1.0] * 16
+    scaling = rope.longrope_scaling(geometry, TARGET, long_factors, short_factors, mscale=1.3, short_mscale=1.1)
+    module = rope.ScaledRotaryEmbedding(scaling)
+    x = torch.zeros(1, dtype=torch.float64)
+    position_ids = torch.stack(
+        [torch.arange(2 * ORIGINAL_LENGTH) % ORIGINAL_LENGTH, torch.arange(2 * ORIGINAL_LENGTH)]
+    )
+    plain_cos, plain_sin = rope.ScaledRotaryEmbedding(rope.none_scaling(geometry))(x, position_ids)
+    long_cos, long_sin = rope.ScaledRotaryEmbedding(rope.longrope_scaling(geometry, TARGET, long_factors))(
+        x, position_ids
+    )
+    long_unit = long_cos / rope.resolve_mscale("su", TARGET / ORIGINAL_LENGTH, ORIGINAL_LENGTH)[0]
+    cos, sin = module(x, position_ids)
+    torch.testing.assert_close(cos[0], 1.1 * plain_cos[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(sin[0], 1.1 * plain_sin[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(cos[1], 1.3 * long_unit[1], rtol=1e-12, atol=1e-15)
+    # Forced sets bring their own mscale to every row.
+    module.selection = "short"
+    torch.testing.assert_close(module(x, position_ids)[0], 1.1 * plain_cos, rtol=1e-12, atol=0)
+    module.selection = "long"
+    torch.testing.assert_close(module(x, position_ids)[0], 1.3 * long_unit, rtol=1e-12, atol=1e-15)
+    # Without a short set the rows share the factors and differ by the mscale alone.
+    shared = rope.ScaledRotaryEmbedding(rope.longrope_scaling(geometry, TARGET, long_factors, None, 0, 1.3, 1.1))
+    shared_cos, _ = shared(x, position_ids)
+    short_row = position_ids[:1]
+    torch.testing.assert_close(shared_cos[0], 1.1 * long_unit[0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(shared_cos[1], 1.3 * long_unit[1], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(shared(x, short_row)[0][0], shared_cos[0])  # a row alone gets what it got in a batch
+
+
+@pytest.mark.parametrize("short_mscale", [None, 1.05])
+def test_start_tokens_keep_no_mscale_in_short_and_long_rows(short_mscale):
+    geometry = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
+    long_factors, short_factors = random_factors(geometry, 8.0, seed=8), random_factors(geometry, 1.5, seed=9)
+    scaling = rope.longrope_scaling(
+        geometry, TARGET, long_factors, short_factors, start_tokens=4, mscale="su", short_mscale=short_mscale
+    )
+    module = rope.ScaledRotaryEmbedding(scaling)
+    short_positions, long_positions = list(range(ORIGINAL_LENGTH)), list(range(2 * ORIGINAL_LENGTH))
+    # A short sequence padded after its end by repeating its last position keeps its length in a batch.
+    padded = short_positions + [ORIGINAL_LENGTH - 1] * ORIGINAL_LENGTH
+    cos, _ = module(torch.zeros(1, dtype=torch.float64), torch.tensor([padded, long_positions]))
+    short_mscale = scaling.mscale if short_mscale is None else short_mscale
+    expected_short, _ = eq3_cos_sin(geometry, short_factors, 4, short_mscale, short_positions)
+    expected_long, _ = eq3_cos_sin(geometry, long_factors, 4, scaling.mscale, long_positions)
+    # Eq. 3 takes θ_i in float64, the module transformers' fp32 θ_i: they differ by ~1e-7 relative.
+    torch.testing.assert_close(cos[0, :ORIGINAL_LENGTH], expected_short, atol=2e-6, rtol=0)
+    torch.testing.assert_close(cos[1], expected_long, atol=2e-6, rtol=0)
+
+
+def test_short_mscale_must_be_a_positive_number_and_not_dynamic():
+    geometry = rope.RopeGeometry(10000.0, 8, 8, ORIGINAL_LENGTH)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(LongRopeError, match="short_mscale must be a finite number > 0"):
+            rope.longrope_scaling(geometry, TARGET, [1.0] * 4, short_mscale=bad)
+    with pytest.raises(LongRopeError, match="short_mscale: dynamic NTK .* drop short_mscale"):
+        rope.dynamic_ntk_scaling(geometry, TARGET).replace(short_mscale=1.0)
+
+
 def test_precision_stays_fp32_after_casting_the_model():
     model = tiny_model("llama")
     geometry = rope.RopeGeometry.from_config(model.config)
@@ -229,7 +290,7 @@ def _sharded_worker(rank: int, world_size: int, port: int, results):
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     geometry = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
-    scaling = rope.longrope_scaling(geometry, TARGET, [4.0] * 16, [1.0] * 16, mscale="su")
+    scaling = rope.longrope_scaling(geometry, TARGET, [4.0] * 16, [1.0] * 16, mscale="su", short_mscale=1.05)
     module = rope.ScaledRotaryEmbedding(scaling)
     # As the Trainer sets it once the group exists (rope.set_sequence_parallel_group).
     module.sequence_parallel_group = torch.distributed.group.WORLD
@@ -251,10 +312,12 @@ def test_sequence_parallel_shards_choose_the_same_factors():
     results = manager.dict()
     mp.spawn(_sharded_worker, args=(2, port, results), nprocs=2, join=True)
     geometry = rope.RopeGeometry(10000.0, 32, 32, ORIGINAL_LENGTH)
-    reference = rope.ScaledRotaryEmbedding(rope.longrope_scaling(geometry, TARGET, [4.0] * 16, [1.0] * 16))
+    reference = rope.ScaledRotaryEmbedding(
+        rope.longrope_scaling(geometry, TARGET, [4.0] * 16, [1.0] * 16, short_mscale=1.05)
+    )
     full_cos, _ = reference(torch.zeros(1), torch.arange(ORIGINAL_LENGTH * 3 // 2)[None])
     torch.testing.assert_close(torch.cat([results[0], results[1]], dim=1), full_cos)
-    # Without the group, rank 0's shard (positions < original length) would have picked the short factors.
+    # Without the group, rank 0's shard (positions < original length) would have picked the short factors and mscale.
     local = copy.deepcopy(reference)
     local_cos, _ = local(torch.zeros(1), torch.arange(ORIGINAL_LENGTH * 3 // 4)[None])
     assert not torch.allclose(local_cos, results[0])
@@ -301,13 +364,15 @@ def reference_cos(inv_freq: torch.Tensor, positions: list[int], mscale: float) -
     return torch.cat([angles, angles], dim=-1).cos() * mscale
 
 
-@pytest.mark.parametrize("method", ["none", "pi", "ntk", "dynamic_ntk", "yarn", "longrope"])
+@pytest.mark.parametrize("method", ["none", "pi", "ntk", "dynamic_ntk", "yarn", "longrope", "longrope_short_mscale"])
 def test_angles_are_exact_at_2048k_positions(method):
     """cos tables of every method against a float64 reference built on transformers' own frequencies (longrope:
-    transformers' default frequencies divided by the factors), at 2k, 128k and 2048k positions."""
-    if method == "longrope":
+    transformers' default frequencies divided by the factors), at 2k, 128k and 2048k positions. With a short set of
+    its own mscale the rows' mscales are a tensor, which must not cost the long row any precision."""
+    if method.startswith("longrope"):
         factors = [1.0] + random_factors(PAPER_GEOMETRY, 600.0, seed=7)[1:]  # the fastest pair extrapolates
-        scaling = rope.longrope_scaling(PAPER_GEOMETRY, PAPER_TARGET, factors)
+        short = ([1.0] * PAPER_GEOMETRY.num_pairs, 1.0) if method == "longrope_short_mscale" else (None, None)
+        scaling = rope.longrope_scaling(PAPER_GEOMETRY, PAPER_TARGET, factors, short[0], short_mscale=short[1])
         inv_freq = PAPER_GEOMETRY.base_inv_freq().double() / torch.tensor(factors, dtype=torch.float64)
     else:
         scaling = rope.build_scaling(method, PAPER_GEOMETRY, PAPER_TARGET)

@@ -217,10 +217,15 @@ def test_short_stage_writes_short_factors_beside_the_long_ones(world, tmp_path, 
     factors.save(path, long_scaling)
     config = write_config(world, tmp_path, stage="short", target_length=ORIGINAL, rope_factors_path=str(path))
     search.main(["--config", str(config)])
-    result = factors.load(tmp_path / "out" / "factors.json").scaling
+    loaded = factors.load(tmp_path / "out" / "factors.json")
+    result = loaded.scaling
     assert result.long_factors == long_scaling.long_factors
     assert result.max_position_embeddings == 8 * ORIGINAL
     assert result.short_factors is not None and max(result.short_factors) <= max(1.25, 0.25 * 8) + 1e-9
+    # The long mscale stays the input's (value and policy); the short set gets the rule's: this checkpoint's config
+    # has no longrope factors, so the original RoPE's 1.0.
+    assert (result.mscale, result.mscale_policy) == (long_scaling.mscale, "su") and result.mscale > 1.1
+    assert result.short_mscale == 1.0 and "original RoPE" in loaded.provenance["short_mscale_source"]
     beyond = write_config(
         world, tmp_path, stage="short", target_length=128, rope_factors_path=str(path), output_dir=str(tmp_path / "o2")
     )
@@ -346,3 +351,104 @@ def test_second_stage_seeds_from_factors_above_their_scale_fit_the_new_space(wor
     stretched = seeds["finetuned_stretched"].factors
     assert max(stretched) == evolution.space.factor_max and list(stretched) == sorted(stretched)
     assert [candidate.key for candidate in search.ask()] == [search.project(seed).key for seed in seeds.values()]
+
+
+def _fine_tuned_config(world, attention_factor: float, **mscales):
+    """The world model's config as a fine-tune at 8x with ``attention_factor`` would save it."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(world / "model")
+    config.max_position_embeddings = 8 * ORIGINAL
+    trained = [1.0 + 0.1 * i for i in range(16)]
+    config.rope_parameters = {
+        **(config.rope_parameters or {}),
+        "rope_type": "longrope",
+        "long_factor": trained,
+        "short_factor": trained,
+        "original_max_position_embeddings": ORIGINAL,
+        "attention_factor": attention_factor,
+        **mscales,
+    }
+    return config
+
+
+def test_short_stage_mscale_rule_and_rope_mscale(world, tmp_path):
+    from longrope.evolution import Candidate
+    from longrope.search_stages import scaling_for
+
+    geometry = rope.RopeGeometry.from_config(_fine_tuned_config(world, 1.0))
+    long_scaling = rope.longrope_scaling(geometry, 64 * ORIGINAL, [1.0 + 3.0 * i for i in range(16)])
+    path = tmp_path / "long.json"
+    factors.save(path, long_scaling)
+    args = SearchArguments(stage="short", documents_path="x", num_documents=1, output_dir="o", evolution={})
+
+    def plan(config, **rope_keys):
+        return plan_stage(
+            args, RopeArguments(target_length=ORIGINAL, rope_factors_path=str(path), **rope_keys), config
+        )
+
+    # The attention factor the checkpoint was fine-tuned with, not the 64x one of the long set.
+    fine_tuned = plan(_fine_tuned_config(world, 1.17))
+    assert fine_tuned.mscale == 1.17 and "attention factor" in fine_tuned.mscale_source
+    assert long_scaling.mscale == pytest.approx(math.sqrt(1 + math.log(64) / math.log(ORIGINAL)))
+    # A Phi-3-small-style config's own short_mscale wins over its attention_factor.
+    assert plan(_fine_tuned_config(world, 1.17, long_mscale=1.19, short_mscale=1.02)).mscale == 1.02
+    assert plan(_fine_tuned_config(world, 1.17), rope_mscale="0.9").mscale == 0.9
+    assert plan(_fine_tuned_config(world, 1.17), rope_mscale="none").mscale == 1.0
+    with pytest.raises(LongRopeError, match="rope_mscale: su is a formula of the scale.*give a number"):
+        plan(_fine_tuned_config(world, 1.17), rope_mscale="su")
+
+    short_factors = tuple(1.0 + 0.05 * i for i in range(16))
+    result = scaling_for(args, fine_tuned, Candidate(short_factors))
+    assert (result.long_factors, result.mscale, result.mscale_policy) == (
+        long_scaling.long_factors,
+        long_scaling.mscale,
+        "su",
+    )
+    assert (result.short_factors, result.short_mscale) == (short_factors, 1.17)
+    assert scaling_for(args, fine_tuned, Candidate(short_factors, mscale=1.05)).short_mscale == 1.05
+
+
+def test_seeds_carry_the_stages_mscale_when_it_is_searched(world, tmp_path):
+    import transformers
+
+    from longrope.search_stages import evolution_config, seeds_within_space
+
+    config = transformers.AutoConfig.from_pretrained(world / "model")
+    args = SearchArguments(
+        stage="first", documents_path="x", num_documents=1, output_dir="o", evolution={"search_mscale": True}
+    )
+    plan = plan_stage(args, RopeArguments(target_length=4 * ORIGINAL), config)
+    su = math.sqrt(1 + math.log(4) / math.log(ORIGINAL))
+    assert plan.seed_mscale == pytest.approx(su)
+    seeds = seeds_within_space(plan.seeds, evolution_config(args, plan), plan.seed_mscale)
+    assert [seed.mscale for seed in seeds.values()] == pytest.approx([su] * len(seeds))
+    fixed = SearchArguments(stage="first", documents_path="x", num_documents=1, output_dir="o", evolution={})
+    assert {seed.mscale for seed in seeds_within_space(plan.seeds, evolution_config(fixed, plan), su).values()} == {
+        None
+    }
+
+
+def test_short_stage_searches_the_short_mscale(world, tmp_path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(world / "model")
+    long_scaling = rope.longrope_scaling(
+        rope.RopeGeometry.from_config(model.config), 8 * ORIGINAL, [1.0 + 0.45 * i for i in range(16)]
+    )
+    path = tmp_path / "long.json"
+    factors.save(path, long_scaling)
+    evolution = {**SMALL_EVOLUTION, "search_mscale": True, "mscale_min": 0.8, "mscale_max": 1.5}
+    config = write_config(
+        world, tmp_path, stage="short", target_length=ORIGINAL, rope_factors_path=str(path), evolution=evolution
+    )
+    summary = search.main(["--config", str(config)])
+    loaded = factors.load(tmp_path / "out" / "factors.json")
+    report = json.loads((tmp_path / "out" / "generations.json").read_text())
+    population = [member for generation in report["generations"] for member in generation["population"]]
+    assert {m["mscale"] for m in population if m["origin"].startswith("seed:")} == {1.0}  # the rule's start
+    assert len({m["mscale"] for m in population}) > 1, "the short mscale must really be searched"
+    best = min((m for m in population if m["status"] != "stopped"), key=lambda member: member["fitness"])
+    assert loaded.scaling.short_mscale == best["mscale"] == summary["short_mscale"]
+    assert loaded.scaling.mscale == long_scaling.mscale and loaded.scaling.long_factors == long_scaling.long_factors
+    assert "searched from there" in loaded.provenance["short_mscale_source"]

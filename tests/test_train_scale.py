@@ -195,6 +195,24 @@ def test_start_tokens_are_refused_unless_allowed(world, tmp_path):
     assert resolved.scaling.start_tokens == 4
 
 
+def test_an_own_short_mscale_is_refused_unless_shared_mscale_is_allowed(world, tmp_path, capsys):
+    scaling = factors.load(world / "factors.json").scaling.replace(short_mscale=1.0)
+    factors.save(tmp_path / "own.json", scaling)
+    refused = _config(world, "continuous", tmp_path / "refused", rope_factors_path=str(tmp_path / "own.json"))
+    line = user_error(capsys, train.main, ["--config", str(refused)])
+    assert "short set mscale 1 but the long set 1.1" in line and "allow_shared_mscale: true" in line
+    assert not (tmp_path / "refused").exists(), "refused before any work"
+    output_dir = tmp_path / "shared"
+    allowed = _config(
+        world, "continuous", output_dir, rope_factors_path=str(tmp_path / "own.json"), allow_shared_mscale=True
+    )
+    train.main(["--config", str(allowed)])
+    saved = json.loads((output_dir / "config.json").read_text())["rope_parameters"]
+    # Stock loaders get the long set's attention factor; the factors file beside it keeps the short one.
+    assert saved["attention_factor"] == pytest.approx(scaling.mscale) and "short_mscale" not in saved
+    assert factors.load(output_dir / factors.FACTORS_FILE_NAME).scaling.short_mscale == 1.0
+
+
 @pytest.mark.parametrize(
     "heads, kv_heads, seq_len, world_size, expected",
     [
