@@ -161,7 +161,7 @@ def _method_ref(where: str, value: Any, default_stage: str | None, methods: dict
     return MethodRef(stage, item["name"], item.get("label", item["name"]))
 
 
-def _claim(where: str, item: Any, methods: dict[str, list[set[str]]], original: int) -> dict[str, Any]:
+def _claim(where: str, item: Any, methods: dict[str, list[set[str]]], original: int | None) -> dict[str, Any]:
     """One claim of demo.yaml checked, its methods as MethodRefs and its text filled in."""
     kind = item.get("kind") if isinstance(item, dict) else None
     if kind not in CLAIM_KINDS:
@@ -225,7 +225,13 @@ def load_demo(path: str | Path = DEMO_CONFIG) -> Demo:
                 {**committed, **overrides.get(stage.name, {})} for overrides in profiles.values()
             ]
             methods[stage.name] = [set(_method_names(config)) for config in variants]
-    original = original_length(raw["base_model"])
+    # The base model's config is read only when a claim names its window: a real model's local copy may not exist
+    # yet (it is converted by a command the pipeline does not run).
+    uses_original = any(
+        isinstance(item, dict) and ("{original}" in str(item.get("claim", "")) or item.get("length") == "original")
+        for item in raw["claims"] or []
+    )
+    original = original_length(raw["base_model"]) if uses_original else None
     claims = [
         _claim(f"{path.name} claims[{i}]", item, methods, original) for i, item in enumerate(raw["claims"] or [])
     ]
