@@ -51,6 +51,22 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             "original_max_position_embeddings": 8192,
         },
     },
+    # The real model every machine has (configs/smollm2-135m): its local copy is converted from a GGUF file a pip
+    # package ships, so a fresh clone dry-runs its recipe before the conversion has been run.
+    "HuggingFaceTB/SmolLM2-135M-Instruct": {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "vocab_size": 49152,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+    },
     "mistralai/Mistral-7B-v0.1": {
         "model_type": "mistral",
         "hidden_size": 4096,
@@ -116,15 +132,20 @@ def architecture_config(
 
 
 def dry_run_config(model_name_or_path: str | None, fallback: str | None = None, overrides: dict | None = None) -> Any:
-    """The architecture shrunk to 2 layers, hidden size 64 and a 512-token vocabulary, with its real heads, head_dim
-    and RoPE: what a dry run builds with random weights."""
+    """The architecture shrunk to 2 layers, a hidden size of about 64 and a 512-token vocabulary, with its real heads,
+    head_dim and RoPE: what a dry run builds with random weights."""
     from transformers import AutoConfig
 
     values = architecture_values(model_name_or_path, fallback, overrides)
     heads = values["num_attention_heads"]
     values.setdefault("head_dim", values.get("hidden_size", 0) // heads or 64)
     values.update(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=512, tie_word_embeddings=False
+        # transformers requires the hidden size to be a multiple of the heads (9 for SmolLM2)
+        hidden_size=-(-64 // heads) * heads,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        vocab_size=512,
+        tie_word_embeddings=False,
     )
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         values.pop(key, None)

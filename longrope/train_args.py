@@ -45,7 +45,7 @@ class LongRopeTrainingArguments(SequenceParallelArguments, LossArguments, Traini
         default=None,
         metadata={
             "help": "Hub name whose architecture a dry run builds when model_name_or_path is a checkpoint that does "
-            "not exist yet (e.g. the 128k fine-tune a 256k stage starts from); one of longrope.training.ARCHITECTURES."
+            "not exist yet (e.g. the 128k fine-tune a 256k stage starts from); one of longrope.architectures.ARCHITECTURES."
         },
     )
     dry_run: bool = field(
