@@ -151,10 +151,12 @@ PAPER = Template(
 CODE = Template(
     name="code",
     intros={task: "" for task in TASKS},
+    # The question restates the needle's own assignment up to the value, as the paper's prompt ends with the words
+    # that precede its key ("The pass key is"): the answer continues the same bytes the needle has.
     passkey_needle="PASSKEY = {value}",
-    passkey_question="assert PASSKEY ==",
+    passkey_question="PASSKEY =",
     needle="{key} = {value}",
-    question="assert {key} ==",
+    question="{key} =",
     multivalue_needle="{key}.append({value})",
     multivalue_question="assert {key} == [",
     multiquery_question="assert ({keys}) == (",
