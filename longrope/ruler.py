@@ -29,6 +29,7 @@ from longrope.errors import LongRopeError
 logger = logging.getLogger(__name__)
 
 ESSAYS_DATASET = "baber/paul_graham_essays"
+GEN_PREFIX_ROOM = 512  # tokens; the longest gen_prefix (multi-key NIAH with UUIDs) is far shorter
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,11 @@ def run_ruler(
         import lm_eval.tasks.ruler.prepare_niah  # noqa: F401  (imported here, under the guard, once)
 
     device = str(next(model.parameters()).device)
-    # max_length: without it HFLM cuts every prompt to the model config's window, whatever the installed RoPE.
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max(lengths))
+    # max_length only bounds HFLM's left truncation: without it every prompt is cut to the model config's window,
+    # whatever the installed RoPE; lm-eval sizes a prompt to its length before appending the task's gen_prefix
+    # (tens of tokens), so the bound leaves room for that prefix.
+    window = max(lengths) + GEN_PREFIX_ROOM
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=window)
     scores: dict[str, dict[str, float]] = {task: {} for task in tasks}
     counts: dict[str, dict[str, int]] = {task: {} for task in tasks}
     with tempfile.TemporaryDirectory(prefix="ruler-tokenizer-") as tokenizer_dir:
