@@ -111,12 +111,6 @@ class EvalArguments(
             values = getattr(self, key)
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in values):
                 raise LongRopeError(f"{key}: {values!r} must be token counts >= 2")
-        evaluated = (self.lengths, self.retrieval_lengths, self.needle_lengths, self.lm_eval_tasks, self.ruler_tasks)
-        if not any(evaluated):
-            raise LongRopeError(
-                "lengths: nothing to evaluate; set lengths, retrieval_lengths, needle_lengths, lm_eval_tasks or "
-                "ruler_tasks"
-            )
         if self.ruler_tasks or self.ruler_lengths:
             from longrope import ruler
 
@@ -125,6 +119,12 @@ class EvalArguments(
                 raise LongRopeError(f"ruler_tasks: required with ruler_lengths; pick from {', '.join(ruler.TASKS)}")
             if not self.ruler_lengths:
                 raise LongRopeError("ruler_lengths: required with ruler_tasks; give prompt lengths, e.g. [4096, 8192]")
+        evaluated = (self.lengths, self.retrieval_lengths, self.needle_lengths, self.lm_eval_tasks, self.ruler_tasks)
+        if not any(evaluated):
+            raise LongRopeError(
+                "lengths: nothing to evaluate; set lengths, retrieval_lengths, needle_lengths, lm_eval_tasks or "
+                "ruler_tasks"
+            )
         if (self.lengths or self.needle_lengths) and self.documents_path is None:
             raise LongRopeError("documents_path: required for perplexity; prepare documents with data/prepare.py")
         if self.retrieval_lengths:

@@ -126,7 +126,17 @@ def test_bad_ruler_keys_are_one_line(tiny_world, tmp_path, capsys, overrides, me
 def test_ruler_keys_parse():
     from longrope.config_parser import parse_config
 
-    argv = ["--model_name_or_path", "m", "--ruler_tasks", "niah_single_1", "ruler_vt", "--ruler_lengths", "4096"]
+    argv = [
+        "--model_name_or_path",
+        "m",
+        "--output_dir",
+        "out",
+        "--ruler_tasks",
+        "niah_single_1",
+        "ruler_vt",
+        "--ruler_lengths",
+        "4096",
+    ]
     _, _, args = parse_config(evaluate.CONFIG_KEYS, argv)
     assert args.ruler_tasks == ["niah_single_1", "ruler_vt"] and args.ruler_lengths == [4096]
     assert args.ruler_allow_downloads is False and args.all_lengths == [4096]
