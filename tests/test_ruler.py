@@ -32,7 +32,7 @@ def test_offline_ruler_tasks_through_evaluate(tiny_world, tmp_path):
     pytest.importorskip("wonderwords", reason="every lm-eval RULER task imports wonderwords (pip install wonderwords)")
     tasks = ["niah_single_1", "niah_multikey_2"]
     config = write_config(
-        tiny_world, tmp_path, methods=["yarn"], ruler_tasks=tasks, ruler_lengths=[320], lm_eval_limit=1
+        tiny_world, tmp_path, methods=["yarn"], ruler_tasks=tasks, ruler_lengths=[640], lm_eval_limit=1
     )
     evaluate.main(["--config", str(config)])
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -41,14 +41,14 @@ def test_offline_ruler_tasks_through_evaluate(tiny_world, tmp_path):
         result = entry["ruler"]
         assert set(result["scores"]) == set(tasks)
         for task in tasks:
-            assert set(result["scores"][task]) == {"320"}
+            assert set(result["scores"][task]) == {"640"}
             assert all(0.0 <= v <= 1.0 for v in result["scores"][task].values())
-            assert result["samples"][task] == {"320": 1}
-        for length in ("320",):
+            assert result["samples"][task] == {"640": 1}
+        for length in ("640",):
             expected = statistics.fmean(result["scores"][task][length] for task in tasks)
             assert result["average"][length] == pytest.approx(expected)
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| method | task | 320 |" in table
+    assert "| method | task | 640 |" in table
     assert re.search(r"\| yarn \| average \| [0-9.]+ \|", table), table
     assert "| yarn | niah_multikey_2 |" in table
 
