@@ -90,18 +90,40 @@ class EvalArguments(
     lm_eval_limit: int | None = field(default=None, metadata={"help": "Examples per task (for smoke runs)."})
     lm_eval_include_path: str | None = field(default=None, metadata={"help": "Folder of custom lm-eval task YAMLs."})
     lm_eval_batch_size: int = field(default=1, metadata={"help": "lm-eval batch size."})
+    ruler_tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "lm-eval RULER subtasks (longrope.ruler.TASKS; offline: longrope.ruler.OFFLINE_TASKS), each run at "
+            "every ruler_lengths length; reuses lm_eval_limit and lm_eval_batch_size."
+        },
+    )
+    ruler_lengths: list[int] = field(default_factory=list, metadata={"help": "RULER prompt lengths (tokens)."})
+    ruler_allow_downloads: bool = field(
+        default=False,
+        metadata={"help": "Let RULER tasks fetch their data at run time (essays, nltk punkt_tab, QA JSON)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.methods:
             raise LongRopeError("methods: give at least one method (a method name, a factors file or a mapping)")
-        for key in ("lengths", "retrieval_lengths", "needle_lengths"):
+        for key in ("lengths", "retrieval_lengths", "needle_lengths", "ruler_lengths"):
             values = getattr(self, key)
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in values):
                 raise LongRopeError(f"{key}: {values!r} must be token counts >= 2")
-        if not (self.lengths or self.retrieval_lengths or self.needle_lengths or self.lm_eval_tasks):
+        if self.ruler_tasks or self.ruler_lengths:
+            from longrope import ruler
+
+            ruler.check_task_names(self.ruler_tasks)
+            if not self.ruler_tasks:
+                raise LongRopeError(f"ruler_tasks: required with ruler_lengths; pick from {', '.join(ruler.TASKS)}")
+            if not self.ruler_lengths:
+                raise LongRopeError("ruler_lengths: required with ruler_tasks; give prompt lengths, e.g. [4096, 8192]")
+        evaluated = (self.lengths, self.retrieval_lengths, self.needle_lengths, self.lm_eval_tasks, self.ruler_tasks)
+        if not any(evaluated):
             raise LongRopeError(
-                "lengths: nothing to evaluate; set lengths, retrieval_lengths, needle_lengths or lm_eval_tasks"
+                "lengths: nothing to evaluate; set lengths, retrieval_lengths, needle_lengths, lm_eval_tasks or "
+                "ruler_tasks"
             )
         if (self.lengths or self.needle_lengths) and self.documents_path is None:
             raise LongRopeError("documents_path: required for perplexity; prepare documents with data/prepare.py")
@@ -118,9 +140,9 @@ class EvalArguments(
                 f"lm_eval_num_fewshot: {len(self.lm_eval_num_fewshot)} values for {len(self.lm_eval_tasks)} tasks; "
                 "give one per task or none"
             )
-        if self.sp_size > 1 and (self.retrieval_lengths or self.lm_eval_tasks):
+        if self.sp_size > 1 and (self.retrieval_lengths or self.lm_eval_tasks or self.ruler_tasks):
             raise LongRopeError(
-                "sp_size: retrieval decoding and lm-eval tasks run unsharded; evaluate them in a separate run with "
+                "sp_size: retrieval decoding and lm-eval tasks (RULER too) run unsharded; evaluate them in a separate run with "
                 "sp_size 1"
             )
         if any(not 0.0 <= d <= 1.0 for d in self.retrieval_depths):
@@ -130,7 +152,7 @@ class EvalArguments(
 
     @property
     def all_lengths(self) -> list[int]:
-        return self.lengths + self.retrieval_lengths + self.needle_lengths
+        return self.lengths + self.retrieval_lengths + self.needle_lengths + self.ruler_lengths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,6 +257,10 @@ def evaluate_methods(
     words = retrieval.template(args.retrieval_template)
     if args.lm_eval_tasks:
         lm_eval_task_manager(args)
+    if args.ruler_tasks:
+        from longrope import ruler
+
+        ruler.check_resources(args.ruler_tasks, args.ruler_allow_downloads)
     group = sequence_parallel.register_for_evaluation(model, args.sp_size, distributed.world_size())
     results: dict[str, Any] = {
         "model": model_name,
@@ -318,6 +344,18 @@ def evaluate_methods(
             }
         if args.lm_eval_tasks:
             entry["lm_eval"] = run_lm_eval(model, tokenizer, args)
+        if args.ruler_tasks:
+            from longrope import ruler
+
+            entry["ruler"] = ruler.run_ruler(
+                model,
+                tokenizer,
+                args.ruler_tasks,
+                args.ruler_lengths,
+                limit=args.lm_eval_limit,
+                batch_size=args.lm_eval_batch_size,
+                allow_downloads=args.ruler_allow_downloads,
+            )
         results["methods"].append(entry)
     return results
 
@@ -419,6 +457,22 @@ def markdown_table(results: dict[str, Any]) -> str:
                 for metric, value in metrics_.items():
                     if metric != "num_fewshot":
                         lines.append(f"| {entry['name']} | {task} | {metric} | {_format(value)} |")
+    rows = [e for e in results["methods"] if "ruler" in e]
+    if rows:
+        columns = rows[0]["ruler"]["lengths"]
+        lines += [
+            "",
+            "RULER (lm-eval tasks; average: the mean over tasks at each length, computed here):",
+            "",
+            "| method | task | " + " | ".join(str(c) for c in columns) + " |",
+            "|" + "---|" * (len(columns) + 2),
+        ]
+        for entry in rows:
+            ruler_ = entry["ruler"]
+            table = [("average", ruler_["average"]), *ruler_["scores"].items()]
+            for task, by_length in table:
+                cells = [_format(by_length.get(str(c))) for c in columns]
+                lines.append(f"| {entry['name']} | {task} | " + " | ".join(cells) + " |")
     warnings = [w for e in results["methods"] for w in e.get("warnings", [])]
     if warnings:
         lines += ["", *[f"- warning: {w}" for w in warnings]]
