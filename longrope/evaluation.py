@@ -142,7 +142,7 @@ class EvalArguments(
             )
         if self.sp_size > 1 and (self.retrieval_lengths or self.lm_eval_tasks or self.ruler_tasks):
             raise LongRopeError(
-                "sp_size: retrieval decoding and lm-eval tasks (RULER too) run unsharded; evaluate them in a separate run with "
+                "sp_size: retrieval decoding and lm-eval tasks run unsharded (RULER too); evaluate them in a separate run with "
                 "sp_size 1"
             )
         if any(not 0.0 <= d <= 1.0 for d in self.retrieval_depths):

@@ -446,10 +446,11 @@ def test_retrieval_rows_are_mixed_into_the_train_split_only(tmp_path, text_folde
     for row, positions in zip(mixed["train"]["input_ids"][packed:], mixed["train"]["position_ids"][packed:]):
         assert len(row) == 256 and row[0] == 256 and row[-1] == 257 and positions == list(range(256))
         text = byte_tokenizer.decode(row[1:-1])
-        question = re.search(r"\nassert (PASSKEY|[a-z]+_[a-z]+) == (\d+)$", text)
-        assert question, text[-80:]  # the answer follows the question, then EOS
+        # The last line restates a needle's assignment: the question, then the answer, then EOS.
+        question = re.search(r"\n(PASSKEY|[a-z]+_[a-z]+) = (\d+)$", text)
+        assert question, text[-80:]
         key, value = question.groups()
-        assert f"\n{key} = {value}\n" in text
+        assert f"\n{key} = {value}\n" in text[: question.start() + 1]
         assert not retrieval.is_heldout(int(value)) and (key == "PASSKEY" or not retrieval.is_heldout(key))
     with pytest.raises(LongRopeError, match="retrieval_fraction: 1.0 must be in"):
         args.RetrievalMixArguments(retrieval_fraction=1.0)
@@ -548,5 +549,5 @@ def test_prepare_script_main_writes_dataset_and_summary(tmp_path, text_folder, b
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in REPO.glob("configs/*/data*.yaml")))
 def test_every_shipped_data_config_parses(config, monkeypatch):
     monkeypatch.chdir(REPO)
-    tokenizer_args, data_args, _ = parse_config(_load_prepare_script().CONFIG_KEYS, ["--config", config])
+    tokenizer_args, data_args, *_ = parse_config(_load_prepare_script().CONFIG_KEYS, ["--config", config])
     assert data_args.sources and data_args.dataset_path and tokenizer_args.tokenizer_name_or_path
