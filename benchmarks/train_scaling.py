@@ -68,10 +68,7 @@ from longrope import throughput
 
 
 def status(key):
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
+    return throughput.process_status_bytes(key)
 
 
 def reset_peak():

@@ -60,6 +60,18 @@ def reset_peak_memory() -> None:
         pass  # elsewhere the peak stays the process lifetime's
 
 
+def process_status_bytes(key: str) -> int | None:
+    """A memory field of /proc/self/status (VmHWM, VmRSS, RssFile, ...) in bytes; None where /proc is not there."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_gib() -> float:
     """Peak memory of this process since the last reset_peak_memory: CUDA allocations on a GPU, the resident set size
     high-water mark on CPU (the lifetime ru_maxrss where /proc is not available)."""
@@ -67,13 +79,9 @@ def peak_memory_gib() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
+    peak = process_status_bytes("VmHWM")
+    if peak is not None:
+        return peak / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
