@@ -8,6 +8,7 @@ silently degrade (e.g. ranks of one sequence disagreeing on RoPE factors, or a r
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 
 import pytest
@@ -93,3 +94,12 @@ def test_models_keep_their_attention_kernel_name_on_the_config():
     from conftest import tiny_model
 
     assert tiny_model("llama").config._attn_implementation == "eager"  # read to register Ulysses attention
+
+
+def test_lm_eval_ruler_downloads_punkt_through_nltk_download_at_import():
+    # longrope/ruler.py replaces nltk.download while it imports lm-eval's NIAH module, whose import-time download of
+    # punkt_tab can only fail offline. If lm-eval stops downloading there (or downloads another way), the guard must go.
+    spec = importlib.util.find_spec("lm_eval.tasks.ruler.prepare_niah")
+    assert spec is not None and spec.origin
+    source = open(spec.origin).read()
+    assert 'nltk.download("punkt_tab")' in source and "\ndownload_nltk_resources()" in source
