@@ -179,14 +179,20 @@ def test_factors_for_another_head_dim_are_refused(tmp_path):
         factors.load_for_model(path, model.config)
 
 
-def test_export_command_line(tmp_path, capsys):
-    from longrope import export
-
+def _saved_base_and_factors(tmp_path, **scaling_options):
+    """A tiny Llama saved to tmp_path/base and a factors file for it (all factors 2.0) at tmp_path/f.json."""
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "base")
     path = tmp_path / "f.json"
-    scaling = rope.longrope_scaling(rope.RopeGeometry.from_config(model.config), TARGET, [2.0] * 16, start_tokens=2)
-    factors.save(path, scaling)
+    geometry = rope.RopeGeometry.from_config(model.config)
+    factors.save(path, rope.longrope_scaling(geometry, TARGET, [2.0] * 16, **scaling_options))
+    return model, path
+
+
+def test_export_command_line(tmp_path, capsys):
+    from longrope import export
+
+    model, path = _saved_base_and_factors(tmp_path, start_tokens=2)
     args = [
         "--model_name_or_path",
         str(tmp_path / "base"),
@@ -324,11 +330,7 @@ def test_export_with_an_own_short_mscale_says_what_is_lost(tmp_path):
 def test_export_command_line_names_and_takes_allow_shared_mscale(tmp_path, capsys):
     from longrope import export
 
-    model = tiny_model("llama")
-    model.save_pretrained(tmp_path / "base")
-    path = tmp_path / "f.json"
-    scaling = rope.longrope_scaling(rope.RopeGeometry.from_config(model.config), TARGET, [2.0] * 16, short_mscale=1.0)
-    factors.save(path, scaling)
+    model, path = _saved_base_and_factors(tmp_path, short_mscale=1.0)
     args = ["--model_name_or_path", str(tmp_path / "base"), "--rope_factors_path", str(path)]
     args += ["--output_dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as refused:
@@ -339,4 +341,4 @@ def test_export_command_line_names_and_takes_allow_shared_mscale(tmp_path, capsy
     export.main([*args, "--allow_shared_mscale", "true"])
     assert "short_mscale = 1 dropped" in capsys.readouterr().err
     stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert stock.config.rope_parameters["attention_factor"] == pytest.approx(scaling.mscale)
+    assert stock.config.rope_parameters["attention_factor"] == pytest.approx(factors.load(path).scaling.mscale)
