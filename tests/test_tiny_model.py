@@ -67,3 +67,31 @@ def test_heldout_windows_are_consecutive_slices_of_the_test_split():
     assert (windows[:, 0] == tokenizer.bos_token_id).all()
     chosen = np.linspace(0, len(windows) - 1, 5).round().astype(int)
     assert data.heldout_windows(tokenizer, 64, num_windows=5).tolist() == windows[chosen].tolist()
+
+
+def test_copy_probe_writes_one_string_twice_and_scores_each_occurrence(model_and_tokenizer):
+    """benchmarks/tiny_model.py's copy probe: the same seeded string once in each half of a held-out window, and the
+    loss on each occurrence matches a direct computation."""
+    from benchmarks import tiny_model
+
+    model, tokenizer = model_and_tokenizer
+    windows = torch.from_numpy(data.heldout_windows(tokenizer, TRAINING_LENGTH, num_windows=tiny_model.COPY_WINDOWS))
+    rows, starts = tiny_model.copy_windows(windows.long())
+    again, same_starts = tiny_model.copy_windows(windows.long())
+    assert torch.equal(rows, again) and starts == same_starts  # seeded
+    length = tiny_model.COPY_CHARS
+    strings = set()
+    for row, (first, second) in zip(rows, starts):
+        assert 0 < first and first + length <= TRAINING_LENGTH // 2 <= second <= TRAINING_LENGTH - length
+        assert torch.equal(row[first : first + length], row[second : second + length])
+        assert bytes(row[first : first + length].tolist()).decode().isalnum()
+        strings.add(bytes(row[first : first + length].tolist()))
+    assert len(strings) == len(rows)  # a new string per window
+    losses = tiny_model.copy_losses(TINY, rows, starts)
+    with torch.no_grad():
+        logprobs = model(input_ids=rows[:1]).logits.log_softmax(-1)[0]
+    first = starts[0][0]
+    direct = -sum(logprobs[first + i - 1, rows[0, first + i]].item() for i in range(1, length))
+    one_row = tiny_model.copy_losses(TINY, rows[:1], starts[:1])
+    assert math.isclose(one_row["first"] * (length - 1), direct, rel_tol=1e-4)
+    assert all(math.isfinite(value) and value > 0 for value in losses.values())
