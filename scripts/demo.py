@@ -91,6 +91,7 @@ class Demo:
     plot: tuple[dict[str, Any], ...] = ()
     original: int | None = None  # the base model's pre-training window
     chain_prefix: str = CHAIN_PREFIX  # every stage's committed output is <chain_prefix><stage name>
+    base_model: str = "models/tiny"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,7 +252,7 @@ def load_demo(path: str | Path = DEMO_CONFIG) -> Demo:
         _require_keys(where, panel, {"title", "stages"})
         _require_keys(f"{where}.stages", panel["stages"], set(), set(methods))  # evaluate.py stages only
     chain_prefix = str(raw.get("chain_prefix", CHAIN_PREFIX)).rstrip("/") + "/"
-    return Demo(tuple(stages), profiles, tuple(claims), tuple(plot), original, chain_prefix)
+    return Demo(tuple(stages), profiles, tuple(claims), tuple(plot), original, chain_prefix, str(raw["base_model"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -640,7 +641,7 @@ def write_summary(demo: Demo, output_dir: Path, publish: Path | None = None) -> 
     manifest_path = output_dir / "pipeline.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"stages": {}}
     lines = [
-        f"LongRoPE on the embedded tiny model ({manifest.get('profile', '?')} profile), held-out documents:",
+        f"LongRoPE on {demo.base_model} ({manifest.get('profile', '?')} profile), held-out documents:",
         "",
         "| claim (papers.md §10) | measured here | the paper | held |",
         "|---|---|---|---|",

@@ -306,6 +306,7 @@ def test_the_ci_sized_demo_runs_every_stage_and_chains_their_outputs(tmp_path):
     assert all(claim["held"] in (True, False) for claim in summary["claims"])  # every claim measured
     assert (out / "summary.png").stat().st_size > 10_000
     assert "| claim (papers.md §10) |" in completed.stdout
+    assert "LongRoPE on models/tiny (ci profile)" in (out / "summary.md").read_text()  # names the base model
 
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
