@@ -40,10 +40,7 @@ COPY_WINDOWS = 128
 COPY_CHARS = 12
 
 
-def bits_per_byte(model_dir: Path, windows: torch.Tensor) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+def bits_per_byte(model: torch.nn.Module, windows: torch.Tensor) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(windows), BATCH):
@@ -72,12 +69,9 @@ def copy_windows(windows: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, li
     return torch.stack(rows), starts
 
 
-def copy_losses(model_dir: Path, rows: torch.Tensor, starts: list[tuple[int, int]]) -> dict[str, float]:
+def copy_losses(model: torch.nn.Module, rows: torch.Tensor, starts: list[tuple[int, int]]) -> dict[str, float]:
     """Mean loss in nats per byte on the string's first and second occurrence (its first byte excluded: nothing
     announces where a string starts)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         logprobs = model(input_ids=rows).logits.log_softmax(-1)
     totals = {"first": 0.0, "second": 0.0}
@@ -93,15 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="models/tiny")
     parser.add_argument("--reference", help="a checkpoint to compare with (the code-only model); none: measure one")
     args = parser.parse_args(argv)
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "models" / "tiny")
     windows = torch.from_numpy(data.heldout_windows(tokenizer, TRAINING_LENGTH, num_windows=None)).long()
     copy_rows, copy_starts = copy_windows(windows)
     checkpoints = {"model": args.model, **({"reference": args.reference} if args.reference else {})}
     started = time.perf_counter()
-    measured = {name: bits_per_byte(Path(path), windows) for name, path in checkpoints.items()}
-    copying = {name: copy_losses(Path(path), copy_rows, copy_starts) for name, path in checkpoints.items()}
+    models = {name: AutoModelForCausalLM.from_pretrained(Path(path)).eval() for name, path in checkpoints.items()}
+    measured = {name: bits_per_byte(model, windows) for name, model in models.items()}
+    copying = {name: copy_losses(model, copy_rows, copy_starts) for name, model in models.items()}
     result = {
         "model": args.model,
         "reference": args.reference,

@@ -87,11 +87,11 @@ def test_copy_probe_writes_one_string_twice_and_scores_each_occurrence(model_and
         assert bytes(row[first : first + length].tolist()).decode().isalnum()
         strings.add(bytes(row[first : first + length].tolist()))
     assert len(strings) == len(rows)  # a new string per window
-    losses = tiny_model.copy_losses(TINY, rows, starts)
+    losses = tiny_model.copy_losses(model, rows, starts)
     with torch.no_grad():
         logprobs = model(input_ids=rows[:1]).logits.log_softmax(-1)[0]
     first = starts[0][0]
     direct = -sum(logprobs[first + i - 1, rows[0, first + i]].item() for i in range(1, length))
-    one_row = tiny_model.copy_losses(TINY, rows[:1], starts[:1])
+    one_row = tiny_model.copy_losses(model, rows[:1], starts[:1])
     assert math.isclose(one_row["first"] * (length - 1), direct, rel_tol=1e-4)
     assert all(math.isfinite(value) and value > 0 for value in losses.values())
