@@ -21,7 +21,8 @@ OutputArguments            output_dir                                           
 TrackingArguments          report_to, run_name                                   search, evaluate
 RetrievalTemplateArguments retrieval_template                                    search, evaluate, prepare
 RetrievalArguments         retrieval_tasks (+ template)                          evaluate
-RetrievalMixArguments      retrieval_fraction (+ tasks, template)                prepare
+RetrievalMixArguments      retrieval_fraction, copy_fraction, lookup_fraction    prepare
+                           (+ tasks, template)
 DataArguments              sources, dataset_path, max_seq_len, ...               prepare, train
 ========================== ===================================================== ================================
 
@@ -466,19 +467,40 @@ class RetrievalArguments(RetrievalTemplateArguments):
 
 @dataclass
 class RetrievalMixArguments(RetrievalArguments):
-    """Retrieval rows mixed into packed training data (data/prepare.py): each a whole segment of max_seq_len tokens,
-    a sample of one of retrieval_tasks with its answer, hidden in text of the same split, keys from the training
-    part of the key space (evaluation keys never appear)."""
+    """Rows that teach a model to use its context, mixed into packed training data (data/prepare.py,
+    longrope/context_rows.py): each a whole segment of max_seq_len tokens built from text of the same split. Retrieval
+    rows are samples of retrieval_tasks with their answers, keys from the training part of the key space (evaluation
+    keys never appear); copy rows write random strings twice; lookup rows restate needle-style assignments."""
 
     retrieval_fraction: float = field(
         default=0.0,
         metadata={"help": "Share of the train split's rows that are retrieval rows (0: none; validation: never)."},
     )
+    copy_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Share of the train split's rows that write random strings twice among code (0: none)."},
+    )
+    lookup_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Share of the train split's rows that restate needle-style assignments among code."},
+    )
+
+    @property
+    def context_fraction(self) -> float:
+        """The share of all three kinds together (the packed rows are the rest)."""
+        return self.retrieval_fraction + self.copy_fraction + self.lookup_fraction
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.retrieval_fraction, bool) or not 0.0 <= self.retrieval_fraction < 1.0:
-            raise LongRopeError(f"retrieval_fraction: {self.retrieval_fraction!r} must be in [0, 1)")
+        for key in ("retrieval_fraction", "copy_fraction", "lookup_fraction"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not 0.0 <= value < 1.0:
+                raise LongRopeError(f"{key}: {value!r} must be in [0, 1)")
+        if self.context_fraction >= 1.0:
+            raise LongRopeError(
+                f"retrieval_fraction + copy_fraction + lookup_fraction: {self.context_fraction:g} must be below 1; the "
+                "packed rows are the rest (to train on fewer of them, set num_documents)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from longrope import context_rows
 from longrope.corpus import split_hash
 from longrope.errors import LongRopeError
 from longrope.io import atomic_write_json, replace_directory, staging_directory
@@ -169,51 +169,6 @@ def _count_tokens(dataset: datasets.Dataset | None) -> int:
     return int(np.sum(np.asarray(dataset["num_tokens"], dtype=np.int64)))
 
 
-def retrieval_rows(
-    documents: Sequence[Sequence[int]],
-    count: int,
-    seq_len: int,
-    tokenizer: Any,
-    eos: int,
-    mix: RetrievalMixArguments,
-    seed: int,
-) -> dict[str, list[list[int]]]:
-    """``count`` whole-segment retrieval rows, BOS ... answer EOS: a task of ``mix.retrieval_tasks`` each, its
-    needle at a uniform depth, hidden in a window of ``documents`` (the split's own text), keys and values from the
-    training part of their spaces."""
-    from longrope import retrieval
-
-    words = retrieval.template(mix.retrieval_template)
-    minimum = max(
-        retrieval.minimum_length(tokenizer, task, words, with_answer=True, prepend_bos=True)
-        for task in mix.retrieval_tasks
-    )
-    if seq_len - 1 < minimum:
-        raise LongRopeError(
-            f"retrieval_tasks: a {seq_len}-token row cannot hold every task's {words.name} template (about {minimum} "
-            "tokens with this tokenizer); raise max_seq_len or drop tasks"
-        )
-    haystack = retrieval.Haystack(tokenizer, documents)
-    rng = random.Random(f"retrieval-rows/{seed}")
-    rows = []
-    for _ in range(count):
-        task = rng.choice(mix.retrieval_tasks)
-        sample = retrieval.build_sample(
-            tokenizer,
-            task,
-            seq_len - 1,
-            rng.random(),
-            rng,
-            words=words,
-            haystack=haystack,
-            heldout=False,
-            with_answer=True,
-            prepend_bos=True,
-        )
-        rows.append(sample.with_answer + [eos])
-    return {"input_ids": rows, "position_ids": [list(range(seq_len))] * count}
-
-
 def prepare_dataset(
     settings: DataArguments, tokenizer: Any, mix: RetrievalMixArguments | None = None
 ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
@@ -221,8 +176,9 @@ def prepare_dataset(
 
     Packed output has a ``train`` split (and ``validation`` when ``validation_fraction > 0``) with ``input_ids`` and
     ``position_ids``; documents output has one ``documents`` split with ``input_ids`` (cut to ``max_seq_len``) and
-    ``num_tokens`` (the whole document's). A split left empty is an error. With ``mix.retrieval_fraction`` > 0 that
-    share of the train split's rows are retrieval rows (:func:`retrieval_rows`), appended after the packed ones.
+    ``num_tokens`` (the whole document's). A split left empty is an error. With ``mix``'s fractions above 0, those
+    shares of the train split's rows are retrieval, copy and lookup rows (:mod:`longrope.context_rows`), appended
+    after the packed ones in that order.
     """
     import datasets
 
@@ -270,17 +226,21 @@ def prepare_dataset(
                     f"split '{name}' is empty after packing: its {_count_tokens(split)} tokens do not fill one "
                     f"{settings.max_seq_len}-token segment; lower max_seq_len or add data"
                 )
-            if name == "train" and mix is not None and mix.retrieval_fraction > 0:
-                count = round(len(rows) * mix.retrieval_fraction / (1.0 - mix.retrieval_fraction))
-                extra = retrieval_rows(
-                    split["input_ids"], count, settings.max_seq_len, tokenizer, eos, mix, settings.document_seed
+            if name == "train" and mix is not None and mix.context_fraction > 0:
+                counts = context_rows.row_counts(len(rows), mix)
+                extra = context_rows.context_rows(
+                    split["input_ids"], counts, settings.max_seq_len, tokenizer, bos, eos, mix, settings.document_seed
                 )
                 rows = datasets.concatenate_datasets([rows, datasets.Dataset.from_dict(extra, features=rows.features)])
-                summary["retrieval_rows"] = {
-                    "rows": count,
+                summary["context_rows"] = {
+                    "rows": counts,
+                    "fractions": {
+                        "retrieval": mix.retrieval_fraction,
+                        "copy": mix.copy_fraction,
+                        "lookup": mix.lookup_fraction,
+                    },
                     "tasks": mix.retrieval_tasks,
                     "template": mix.retrieval_template,
-                    "fraction": mix.retrieval_fraction,
                 }
             segment_tokens = len(rows) * settings.max_seq_len
         else:

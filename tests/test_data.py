@@ -439,8 +439,9 @@ def test_retrieval_rows_are_mixed_into_the_train_split_only(tmp_path, text_folde
     )
     mixed, summary = data.prepare_dataset(settings, byte_tokenizer, mix)
     packed = plain_summary["splits"]["train"]["rows"]
-    extra = summary["retrieval_rows"]["rows"]
+    extra = summary["context_rows"]["rows"]["retrieval"]
     assert extra == round(packed * 0.25 / 0.75) > 0 and len(mixed["train"]) == packed + extra
+    assert summary["context_rows"]["rows"] == {"retrieval": extra}  # no copy or lookup rows unless asked
     assert mixed["validation"]["input_ids"] == plain["validation"]["input_ids"]  # held-out code stays code
     assert mixed["train"]["input_ids"][:packed] == plain["train"]["input_ids"]
     for row, positions in zip(mixed["train"]["input_ids"][packed:], mixed["train"]["position_ids"][packed:]):
@@ -456,6 +457,73 @@ def test_retrieval_rows_are_mixed_into_the_train_split_only(tmp_path, text_folde
         args.RetrievalMixArguments(retrieval_fraction=1.0)
     with pytest.raises(LongRopeError, match="retrieval_tasks: a 64-token row cannot hold"):
         data.prepare_dataset(_args(tmp_path, text_folder), byte_tokenizer, mix)
+
+
+def test_copy_and_lookup_rows_repeat_what_they_wrote(tmp_path, text_folder, byte_tokenizer, monkeypatch):
+    from longrope import context_rows, retrieval
+
+    settings = _args(tmp_path, text_folder, max_seq_len=256)
+    _, plain_summary = data.prepare_dataset(settings, byte_tokenizer)
+    mix = args.RetrievalMixArguments(
+        retrieval_fraction=0.2, copy_fraction=0.3, lookup_fraction=0.1, retrieval_template="code"
+    )
+    mixed, summary = data.prepare_dataset(settings, byte_tokenizer, mix)
+    packed = plain_summary["splits"]["train"]["rows"]
+    counts = summary["context_rows"]["rows"]
+    total = packed / 0.4
+    assert counts == {"retrieval": round(total * 0.2), "copy": round(total * 0.3), "lookup": round(total * 0.1)}
+    assert len(mixed["train"]) == packed + sum(counts.values())
+    rows = mixed["train"]["input_ids"][packed:]
+    lookups = rows[counts["retrieval"] + counts["copy"] :]
+    for row in rows:
+        assert len(row) == 256 and row[0] == 256 and row[-1] == 257
+
+    # Copy rows: every string a row makes (seen through the encoder) is in it; all but those still pending when the
+    # row ends are in it twice.
+    made: list[str] = []
+    encode = retrieval.encode
+    monkeypatch.setattr(retrieval, "encode", lambda tokenizer, text: made.append(text) or encode(tokenizer, text))
+    code = [byte_tokenizer.encode("    return self.value\n", add_special_tokens=False) * 20]
+    rng = random.Random(0)
+    total = twice = 0
+    for _ in range(50):
+        made.clear()
+        row = context_rows.copy_row(code, 256, byte_tokenizer, 256, 257, rng)
+        assert len(row) == 256 and row[0] == 256 and row[-1] == 257
+        text = byte_tokenizer.decode(row[1:-1])
+        assert all(string in text for string in made[:-1])  # the last may be cut by the row's end
+        total += len(made)
+        twice += sum(text.count(string) >= 2 for string in made)
+    assert total > 200 and twice > 0.7 * total, (total, twice)
+    assert all(set(string) <= set(context_rows.COPY_ALPHABET) and 6 <= len(string) <= 20 for string in made)
+    monkeypatch.undo()
+    assert context_rows.copy_row(code, 256, byte_tokenizer, 256, 257, random.Random(1)) == context_rows.copy_row(
+        code, 256, byte_tokenizer, 256, 257, random.Random(1)
+    )
+
+    # Lookup rows: every assignment line is either new or restates an earlier one with the same value.
+    restated = 0
+    for row in lookups:
+        lines = byte_tokenizer.decode(row[1:-1]).split("\n")[:-1]  # the last line may be cut by the row's end
+        seen = {}
+        for line in lines:
+            match = re.fullmatch(r"([A-Za-z_]+) = (\d{3,8})", line)
+            if not match:
+                continue
+            key, value = match.groups()
+            assert not retrieval.is_heldout(int(value))
+            if re.fullmatch(r"[a-z]+_[a-z]+", key) and key.split("_")[0] in retrieval._ADJECTIVES:
+                assert not retrieval.is_heldout(key)
+            if key in seen:
+                assert seen[key] == value, line
+                restated += 1
+            seen[key] = value
+    assert restated >= 2 * len(lookups), restated
+
+    with pytest.raises(LongRopeError, match="copy_fraction: 1.0 must be in"):
+        args.RetrievalMixArguments(copy_fraction=1.0)
+    with pytest.raises(LongRopeError, match="retrieval_fraction \\+ copy_fraction \\+ lookup_fraction: 1 must be below 1"):
+        args.RetrievalMixArguments(retrieval_fraction=0.5, copy_fraction=0.25, lookup_fraction=0.25)
 
 
 def test_prepare_documents_output_filters_by_length(tmp_path, text_folder, byte_tokenizer):

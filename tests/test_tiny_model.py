@@ -95,3 +95,33 @@ def test_copy_probe_writes_one_string_twice_and_scores_each_occurrence(model_and
     one_row = tiny_model.copy_losses(model, rows[:1], starts[:1])
     assert math.isclose(one_row["first"] * (length - 1), direct, rel_tol=1e-4)
     assert all(math.isfinite(value) and value > 0 for value in losses.values())
+
+
+def test_committed_model_copies_and_retrieves_inside_its_window(model_and_tokenizer):
+    """Issue 13: the committed model uses its context. A random string seen once costs it a fraction of its first
+    occurrence the second time, and inside its window, with plain RoPE, it answers passkeys and single needles hidden
+    in held-out code with keys it never trained on (configs/tiny/eval-retrieval-256.yaml is the full grid)."""
+    from benchmarks import tiny_model
+    from longrope import retrieval
+
+    model, tokenizer = model_and_tokenizer
+    windows = torch.from_numpy(data.heldout_windows(tokenizer, TRAINING_LENGTH, num_windows=16)).long()
+    rows, starts = tiny_model.copy_windows(windows)
+    losses = tiny_model.copy_losses(model, rows, starts)
+    assert losses["second"] < 0.25 * losses["first"], losses
+
+    texts = [document.text for document in corpus.stdlib_documents(splits=["test"])]
+    documents = [retrieval.encode(tokenizer, text) for text in texts if len(text) >= 4096]
+    reports = retrieval.retrieval_suite(
+        model,
+        tokenizer,
+        ["passkey", "niah_single"],
+        [160, 247],  # 247: an 8-token answer ends before position 255, where training rows hold </s>
+        [0.0, 0.5, 1.0],
+        trials=4,
+        seed=13,
+        words=retrieval.CODE,
+        documents=documents,
+    )
+    accuracy = {task: report.accuracy_by_length() for task, report in reports.items()}
+    assert all(value >= 0.9 for by_length in accuracy.values() for value in by_length.values()), accuracy
