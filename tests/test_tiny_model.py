@@ -21,7 +21,7 @@ def model_and_tokenizer():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     weights = TINY / "model.safetensors"
-    assert weights.is_file(), f"{weights} is missing: pretrain with configs/tiny/pretrain.yaml and copy it there"
+    assert weights.is_file(), f"{weights} is missing: pretrain it in three stages (data/tiny/README.md, Model)"
     model = AutoModelForCausalLM.from_pretrained(TINY, trust_remote_code=False).eval()
     return model, AutoTokenizer.from_pretrained(TINY)
 
