@@ -522,7 +522,9 @@ def test_copy_and_lookup_rows_repeat_what_they_wrote(tmp_path, text_folder, byte
 
     with pytest.raises(LongRopeError, match="copy_fraction: 1.0 must be in"):
         args.RetrievalMixArguments(copy_fraction=1.0)
-    with pytest.raises(LongRopeError, match="retrieval_fraction \\+ copy_fraction \\+ lookup_fraction: 1 must be below 1"):
+    with pytest.raises(
+        LongRopeError, match="retrieval_fraction \\+ copy_fraction \\+ lookup_fraction: 1 must be below 1"
+    ):
         args.RetrievalMixArguments(retrieval_fraction=0.5, copy_fraction=0.25, lookup_fraction=0.25)
 
 
