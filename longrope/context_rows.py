@@ -66,8 +66,7 @@ def copy_row(documents: Sequence[Sequence[int]], seq_len: int, tokenizer: Any, b
 
 def _lookup_key(rng: random.Random, words: retrieval.Template, taken: set) -> str:
     if rng.random() < LOOKUP_NAMED_SHARE:
-        name = lambda r: f"{r.choice(retrieval._ADJECTIVES)}{words.key_joiner}{r.choice(retrieval._NOUNS)}"  # noqa: E731
-        return retrieval._draw(rng, name, False, taken)
+        return retrieval.draw_key(rng, words, taken)
     while True:
         key = "".join(rng.choice(string.ascii_letters + "_") for _ in range(rng.randint(*LOOKUP_IDENTIFIER_CHARS)))
         key = key.upper() if rng.random() < 0.3 else key
@@ -86,8 +85,8 @@ def lookup_row(
     words: retrieval.Template,
 ):
     """BOS, then until the row is full, line by line: with p=0.4 (when one is pending, not the line just written) a
-    pending assignment restated, else with p=0.35 a new assignment (the template's needle, a training-part value), else the next line of code
-    from a window of one document; EOS last."""
+    pending assignment restated, else with p=0.35 a new assignment (the template's needle; key and value from the
+    training part of their spaces), else the next line of code from a window of one document; EOS last."""
     window = documents[rng.randrange(len(documents))]
     start = rng.randrange(max(len(window) - 2 * seq_len, 1))
     lines = tokenizer.decode(window[start : start + 2 * seq_len]).split("\n")[1:] or [""]
@@ -100,7 +99,7 @@ def lookup_row(
             text = restatable[rng.randrange(len(restatable))]
             pending.remove(text)
         elif draw < 0.75:
-            value = retrieval._draw(rng, retrieval._number(rng.randint(*LOOKUP_VALUE_DIGITS)), False, values)
+            value = retrieval.draw_value(rng, rng.randint(*LOOKUP_VALUE_DIGITS), values)
             text = words.needle.format(key=_lookup_key(rng, words, keys), value=value)
             pending.append(text)
         else:

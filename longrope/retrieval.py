@@ -233,6 +233,17 @@ def _number(digits: int):
     return lambda rng: rng.randint(10 ** (digits - 1), 10**digits - 1)
 
 
+def draw_key(rng: random.Random, words: Template, taken: set, heldout: bool = False) -> str:
+    """A key name of the tasks' form (``amber_falcon`` in the code template) from the held-out or the training part
+    of the name space, not in ``taken`` (added to it): for training rows built outside the tasks."""
+    return _draw(rng, _name(words.key_joiner), heldout, taken)
+
+
+def draw_value(rng: random.Random, digits: int, taken: set, heldout: bool = False) -> int:
+    """A ``digits``-digit value from the held-out or the training part of the value space, not in ``taken``."""
+    return _draw(rng, _number(digits), heldout, taken)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks: needle lines, the question, the answers
 # ----------------------------------------------------------------------------------------------------------------
