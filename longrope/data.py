@@ -232,16 +232,7 @@ def prepare_dataset(
                     split["input_ids"], counts, settings.max_seq_len, tokenizer, bos, eos, mix, settings.document_seed
                 )
                 rows = datasets.concatenate_datasets([rows, datasets.Dataset.from_dict(extra, features=rows.features)])
-                summary["context_rows"] = {
-                    "rows": counts,
-                    "fractions": {
-                        "retrieval": mix.retrieval_fraction,
-                        "copy": mix.copy_fraction,
-                        "lookup": mix.lookup_fraction,
-                    },
-                    "tasks": mix.retrieval_tasks,
-                    "template": mix.retrieval_template,
-                }
+                summary["context_rows"] = counts  # rows of each kind; the fractions are in the summary's config
             segment_tokens = len(rows) * settings.max_seq_len
         else:
             rows = truncate_documents(split, settings.max_seq_len)

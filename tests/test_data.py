@@ -439,9 +439,9 @@ def test_retrieval_rows_are_mixed_into_the_train_split_only(tmp_path, text_folde
     )
     mixed, summary = data.prepare_dataset(settings, byte_tokenizer, mix)
     packed = plain_summary["splits"]["train"]["rows"]
-    extra = summary["context_rows"]["rows"]["retrieval"]
+    extra = summary["context_rows"]["retrieval"]
     assert extra == round(packed * 0.25 / 0.75) > 0 and len(mixed["train"]) == packed + extra
-    assert summary["context_rows"]["rows"] == {"retrieval": extra}  # no copy or lookup rows unless asked
+    assert summary["context_rows"] == {"retrieval": extra}  # no copy or lookup rows unless asked
     assert mixed["validation"]["input_ids"] == plain["validation"]["input_ids"]  # held-out code stays code
     assert mixed["train"]["input_ids"][:packed] == plain["train"]["input_ids"]
     for row, positions in zip(mixed["train"]["input_ids"][packed:], mixed["train"]["position_ids"][packed:]):
@@ -469,7 +469,7 @@ def test_copy_and_lookup_rows_repeat_what_they_wrote(tmp_path, text_folder, byte
     )
     mixed, summary = data.prepare_dataset(settings, byte_tokenizer, mix)
     packed = plain_summary["splits"]["train"]["rows"]
-    counts = summary["context_rows"]["rows"]
+    counts = summary["context_rows"]
     total = packed / 0.4
     assert counts == {"retrieval": round(total * 0.2), "copy": round(total * 0.3), "lookup": round(total * 0.1)}
     assert len(mixed["train"]) == packed + sum(counts.values())
