@@ -22,9 +22,20 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_attn_implementation(requested: str) -> str:
-    """``auto`` becomes flash_attention_2 with CUDA and flash-attn installed, else sdpa; impossible asks are errors."""
+    """``auto`` becomes flash_attention_2 with CUDA and flash-attn installed, else sdpa; a kernel this machine cannot
+    run falls back to sdpa with a warning. ``cpu_bf16`` is registered with transformers here (and compiled)."""
     import torch
     from transformers.utils import is_flash_attn_2_available
+
+    if requested == "cpu_bf16":
+        from longrope import cpu_attention
+
+        reason = cpu_attention.unavailable_reason()
+        if reason is not None:
+            warnings.warn(f"attn_implementation: cpu_bf16 {reason}; falling back to sdpa", stacklevel=2)
+            return "sdpa"
+        cpu_attention.register()
+        return requested
 
     flash_ready = torch.cuda.is_available() and is_flash_attn_2_available()
     if requested == "auto":
