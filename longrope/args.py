@@ -44,8 +44,18 @@ from longrope.corpus import DEFAULT_CORPUS_DIR, STDLIB_SOURCE
 from longrope.errors import LongRopeError
 from longrope.loss import DEFAULT_LOSS_CHUNK_SIZE
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTENTION_IMPLEMENTATIONS = (
+    "auto",
+    "sdpa",
+    "eager",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flex_attention",
+    "cpu_bf16",
+)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# rope_mscale of search.py's short stage: the short set takes the long set's attention factor.
+LONG_SET_MSCALE = "long"
 REPORT_TO = ("none", "wandb")
 
 # Keys an earlier version used for a concept that now has one name everywhere. They are refused with the new name,
@@ -134,7 +144,8 @@ class ModelArguments(TokenizerArguments):
         default="auto",
         metadata={
             "help": "Attention kernel: auto (flash_attention_2 when flash-attn and CUDA are present, else sdpa), "
-            "sdpa, eager, flash_attention_2, flash_attention_3, flex_attention."
+            "sdpa, eager, flash_attention_2, flash_attention_3, flex_attention, cpu_bf16 (bf16 models on CPUs with "
+            "AVX512-BF16, no backward: longrope/cpu_attention.py)."
         },
     )
     dtype: str = field(
@@ -169,6 +180,10 @@ class ModelArguments(TokenizerArguments):
             )
         if self.dtype not in DTYPES:
             raise LongRopeError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.attn_implementation == "cpu_bf16" and self.dtype in ("float32", "float16"):
+            raise LongRopeError(
+                f"attn_implementation: cpu_bf16 runs bf16 models, not dtype {self.dtype}; set dtype: bfloat16 or use sdpa"
+            )
 
     @property
     def tokenizer_path(self) -> str | None:
@@ -212,8 +227,9 @@ class RopeArguments(KeyGroup):
         metadata={
             "help": "Attention factor: su, yarn, none or a number (default: the method's own: su for longrope and "
             "search candidates, yarn for yarn, none for pi and ntk; a factors file's recorded value, of which it "
-            "replaces the long set's, a short_mscale staying). search.py's short stage: the short set's, a number "
-            "or none (default: the checkpoint's attention factor)."
+            "replaces the long set's, a short_mscale staying). search.py's short stage: the short set's, a number, "
+            "none, or long (the long set's, which a stock rope_type longrope config applies at every length; "
+            "default: the checkpoint's attention factor)."
         },
     )
     target_length: int | None = field(
@@ -256,7 +272,7 @@ class RopeArguments(KeyGroup):
         require_positive_int(
             "original_max_position_embeddings", self.original_max_position_embeddings, allow_none=True
         )
-        if self.rope_mscale is not None:
+        if self.rope_mscale is not None and self.rope_mscale != LONG_SET_MSCALE:
             rope.parse_mscale(self.rope_mscale, key="rope_mscale")
         for key in ("yarn_beta_fast", "yarn_beta_slow"):
             value = getattr(self, key)

@@ -14,7 +14,7 @@ from typing import Any
 
 from longrope import factors as factors_io
 from longrope import rope
-from longrope.args import RopeArguments
+from longrope.args import LONG_SET_MSCALE, RopeArguments
 from longrope.errors import LongRopeError
 
 
@@ -58,6 +58,11 @@ def resolve_rope(
 
 
 def _resolve(args: RopeArguments, model_config: Any, default_target: int | None) -> ResolvedRope:
+    if args.rope_mscale == LONG_SET_MSCALE:
+        raise LongRopeError(
+            f"rope_mscale: {LONG_SET_MSCALE} is for search.py's short stage (the short set takes the long set's); "
+            "give su, yarn, none or a number"
+        )
     geometry = rope.RopeGeometry.from_config(model_config, args.original_max_position_embeddings)
     entry = rope.method(args.method)
     if not entry.from_file:

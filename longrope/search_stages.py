@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from longrope import factors, rope
 from longrope.args import (
+    LONG_SET_MSCALE,
     DocumentsArguments,
     LossArguments,
     OutputArguments,
@@ -130,26 +131,36 @@ def check_rope_keys(rope_args: RopeArguments) -> None:
 
 
 def candidate_mscale(rope_args: RopeArguments) -> str | float:
+    if rope_args.rope_mscale == LONG_SET_MSCALE:
+        raise LongRopeError(
+            f"rope_mscale: {LONG_SET_MSCALE} is for stage short (the short set takes the long set's); the first and "
+            "second stages take su, yarn, none or a number"
+        )
     return rope.parse_mscale(rope_args.rope_mscale) if rope_args.rope_mscale is not None else DEFAULT_MSCALE
 
 
-def short_stage_mscale(rope_args: RopeArguments, trained: rope.RopeScaling | None) -> tuple[float, str]:
+def short_stage_mscale(
+    rope_args: RopeArguments, trained: rope.RopeScaling | None, long: rope.RopeScaling
+) -> tuple[float, str]:
     """The short candidates' mscale (without ``search_mscale``; with it, where the search starts) and its source.
 
-    ``rope_mscale`` when given (a number, or none = 1.0). Otherwise the mscale the checkpoint applies to sequences at
-    the original window, read from its config: its ``short_mscale`` if it has one, else its ``attention_factor``, the
+    ``rope_mscale`` when given (a number, none = 1.0, or ``long``: the long set's, the one attention factor a stock
+    ``rope_type: longrope`` config applies at every length, so its export computes what was searched). Otherwise
+    the mscale the checkpoint applies to sequences at the original window, read from its config: its ``short_mscale`` if it has one, else its ``attention_factor``, the
     factor it was fine-tuned with. Its weights adapted to that scaling of the attention logits (by mscale²); the long
     set's mscale grows with the new scale (su: 1.17 at 8x, 1.32 at 64x on a 256 window) and would sharpen attention
     at short lengths beyond anything trained. A config without longrope factors (a model never fine-tuned long) gives
     1.0: the original RoPE.
     """
+    if rope_args.rope_mscale == LONG_SET_MSCALE:
+        return long.mscale, "the long set's attention factor (rope_mscale long)"
     if rope_args.rope_mscale is not None:
         value = rope.parse_mscale(rope_args.rope_mscale)
         if value in ("su", "yarn"):
             raise LongRopeError(
                 f"rope_mscale: {value} is a formula of the scale, but the short stage's candidates serve lengths up "
-                "to the original window (scale <= 1); give a number (e.g. 1.0) or drop rope_mscale for the "
-                "checkpoint's attention factor"
+                "to the original window (scale <= 1); give a number (e.g. 1.0), long (the long set's) or drop "
+                "rope_mscale for the checkpoint's attention factor"
             )
         return (1.0, "rope_mscale none") if value == "none" else (float(value), "rope_mscale")
     if trained is None:
@@ -229,7 +240,7 @@ def plan_stage(args: SearchArguments, rope_args: RopeArguments, model_config: An
         trained = factors.from_model_config(model_config, geometry)
         if trained is not None and len(trained.long_factors) == len(base.long_factors):
             seeds["trained"] = Candidate(tuple(min(float(v), cap) for v in trained.long_factors))
-        short_mscale, source = short_stage_mscale(rope_args, trained)
+        short_mscale, source = short_stage_mscale(rope_args, trained, base)
         return StagePlan(geometry, cap, seeds, base, cap, target, short_mscale, source)
     if target <= original:
         raise LongRopeError(

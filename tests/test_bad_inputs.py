@@ -308,3 +308,17 @@ def test_under_torchrun_the_error_is_printed_once(tiny_world, tmp_path):
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode != 0
     assert completed.stderr.count("evaluate.py: error: lengths: [0] must be token counts >= 2") == 1, completed.stderr
+
+
+def test_rope_mscale_long_outside_the_short_stage(tiny_world, tmp_path, capsys):
+    methods = [{"name": "pi-long", "rope_method": "pi", "rope_mscale": "long"}]
+    line = user_error(capsys, evaluate.main, ["--config", _eval_config(tiny_world, tmp_path, methods=methods)])
+    assert "rope_mscale: long is for search.py's short stage" in line, line
+    line = user_error(capsys, search.main, ["--config", _search_config(tiny_world, tmp_path, rope_mscale="long")])
+    assert "rope_mscale: long is for stage short" in line, line
+
+
+def test_cpu_bf16_attention_needs_bf16_weights(tiny_world, tmp_path, capsys):
+    config = _eval_config(tiny_world, tmp_path, attn_implementation="cpu_bf16", dtype="float32")
+    line = user_error(capsys, evaluate.main, ["--config", config])
+    assert "attn_implementation: cpu_bf16 runs bf16 models, not dtype float32; set dtype: bfloat16" in line, line

@@ -397,6 +397,15 @@ def test_short_stage_mscale_rule_and_rope_mscale(world, tmp_path):
     assert plan(_fine_tuned_config(world, 1.17), rope_mscale="none").mscale == 1.0
     with pytest.raises(LongRopeError, match="rope_mscale: su is a formula of the scale.*give a number"):
         plan(_fine_tuned_config(world, 1.17), rope_mscale="su")
+    # long: the long set's own, which a stock config's one attention_factor applies to short sequences too.
+    shared = plan(_fine_tuned_config(world, 1.17), rope_mscale="long")
+    assert shared.mscale == long_scaling.mscale and "long set" in shared.mscale_source
+    with pytest.raises(LongRopeError, match="rope_mscale: long is for stage short"):
+        plan_stage(
+            SearchArguments(stage="first", documents_path="x", num_documents=1, output_dir="o", evolution={}),
+            RopeArguments(target_length=4 * ORIGINAL, rope_mscale="long"),
+            _fine_tuned_config(world, 1.17),
+        )
 
     short_factors = tuple(1.0 + 0.05 * i for i in range(16))
     result = scaling_for(args, fine_tuned, Candidate(short_factors))
