@@ -144,7 +144,11 @@ class LongRopeTrainingArguments(SequenceParallelArguments, LossArguments, Traini
                 # A dry run checks the recipe, not the precision; CPUs refuse the bf16/fp16 a GPU recipe sets.
                 self.bf16 = self.fp16 = False
         self._check_memory_keys()
-        if self.deepspeed and not self.use_cpu and distributed.cpu_deepspeed_state_ready():
+        if self.bf16 and not self.use_cpu and not _accelerator_available():
+            # transformers refuses bf16 without a GPU unless use_cpu is set; a GPU recipe's bf16: true then runs
+            # under the CPU's bf16 autocast, which is what this machine's CPU has (avx512_bf16 / AMX).
+            self.use_cpu = True
+        if self.deepspeed and distributed.cpu_deepspeed_state_ready():
             # Reuse the gloo state train.py created at start (without it every CPU rank would train alone).
             if self.accelerator_config is None:
                 self.accelerator_config = {}
@@ -166,6 +170,12 @@ class LongRopeTrainingArguments(SequenceParallelArguments, LossArguments, Traini
             raise LongRopeError(f"lora_dropout: {self.lora_dropout!r} must be in [0, 1)")
         for key in ("tiled_mlp_shards", "estimate_world_size", "estimate_seq_len"):
             require_positive_int(key, getattr(self, key), allow_none=True)
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def read_deepspeed_config(path: str) -> dict[str, Any]:

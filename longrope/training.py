@@ -234,6 +234,13 @@ def train(model_args: Any, rope_args: Any, export_args: Any, data_args: Any, tra
     )
     if resolved is not None and resolved.method != "none":
         logger.info("rope: %s", resolved.summary())
+    logger.info(
+        "processes: %d (sequence parallel %d x data parallel %d), precision %s",
+        training_args.world_size,
+        training_args.sp_size,
+        data_parallel,
+        "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+    )
     if training_args.lora_r:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info("lora: rank %d, %.2fM trainable parameters", training_args.lora_r, trainable / 1e6)

@@ -404,6 +404,26 @@ def test_the_factors_change_the_loss_so_every_rank_applied_them(world, two_rank_
 
 
 @pytest.mark.distributed
+def test_zero3_sequence_parallel_trains_in_bf16_on_cpu_like_one_bf16_process(world, tmp_path):
+    """Trainer bf16 (autocast on the CPU) under ZeRO-3 + Ulysses SP=2 over gloo, against one bf16 process."""
+    sp_dir, single_dir = tmp_path / "sp2-bf16", tmp_path / "single-bf16"
+    # bf16: true as a GPU recipe writes it (no use_cpu): the CPU's bf16 autocast, on both ranks together.
+    config = _config(world, "continuous", sp_dir, bf16=True)
+    completed = _torchrun(config, "--sp_size", "2", "--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "processes: 2 (sequence parallel 2 x data parallel 1), precision bf16" in completed.stderr
+    train.main(["--config", str(_config(world, "continuous", single_dir, bf16=True))])
+    sp_losses, single_losses = _losses(sp_dir), _losses(single_dir)
+    assert len(sp_losses) == len(single_losses) == 2
+    # bf16 products: the two shardings round differently, so agreement to bf16 precision, not to 1e-4.
+    torch.testing.assert_close(torch.tensor(sp_losses), torch.tensor(single_losses), rtol=2e-2, atol=0)
+    fp32 = _losses(world / "sp2-continuous") if (world / "sp2-continuous").exists() else None
+    if fp32 is not None:
+        assert sp_losses != fp32  # bf16 really ran: its losses differ from the fp32 run's in the last digits
+    assert json.loads((sp_dir / "config.json").read_text())["rope_parameters"]["rope_type"] == "longrope"
+
+
+@pytest.mark.distributed
 def test_sp_size_not_dividing_the_launch_is_one_line_before_any_work(world, tmp_path):
     config = _config(world, "continuous", tmp_path / "out")
     completed = _torchrun(config, "--sp_size", "4", "--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"))
