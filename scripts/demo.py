@@ -617,11 +617,16 @@ def _plot(demo: Demo, output_dir: Path, path: Path) -> None:
     results = _Results(demo, output_dir)
     figure, axes = plt.subplots(1, len(demo.plot), figsize=(16 * len(demo.plot) / 3, 4.6), squeeze=False)
     for axis, panel in zip(axes[0], demo.plot):
+        # One line per method: a method evaluated by several of the panel's stages (8k-16k on three documents, 32k
+        # on one, say) joins its points into one curve.
+        lines: dict[str, dict[int, float]] = {}
         for stage, label in panel["stages"].items():
             for entry in results.methods(stage):
-                points = sorted((int(k), v) for k, v in entry.get("perplexity", {}).items())
-                if points:
-                    axis.plot(*zip(*points), marker="o", label=label or entry["name"])
+                points = lines.setdefault(label or entry["name"], {})
+                points.update((int(k), v) for k, v in entry.get("perplexity", {}).items())
+        for label, points in lines.items():
+            if points:
+                axis.plot(*zip(*sorted(points.items())), marker="o", label=label)
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_title(panel["title"])
@@ -629,7 +634,7 @@ def _plot(demo: Demo, output_dir: Path, path: Path) -> None:
         axis.grid(True, which="both", alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=8)
-    axes[0][0].set_ylabel("perplexity per byte (held-out)")
+    axes[0][0].set_ylabel("perplexity (held-out documents)")
     figure.tight_layout()
     atomic_save_figure(figure, path)
     plt.close(figure)
