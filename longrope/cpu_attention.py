@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from longrope import cpu_features
 from longrope.errors import LongRopeError
 
 logger = logging.getLogger(__name__)
@@ -58,22 +59,11 @@ _KEY_TILE = 64  # the kernel reads keys in groups of 64 (csrc: kKeyGroup); the p
 _reported: set[str] = set()
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def unavailable_reason() -> str | None:
     """Why this machine cannot run the kernel, or None when it can."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"needs an x86-64 CPU, this is {platform.machine()}"
-    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
+    missing = [flag for flag in CPU_FLAGS if flag not in cpu_features.cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     if _compiler() is None:

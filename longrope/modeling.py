@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from longrope.args import ExportArguments, ModelArguments
+from longrope.cpu_features import warn_if_bf16_is_emulated
 from longrope.errors import LongRopeError
 
 # A hub repository id: "name" or "namespace/name", no path syntax.
@@ -149,6 +150,8 @@ def build_model(model_args: ModelArguments, tokenizer: Any = None, config: Any =
     from transformers import AutoModelForCausalLM
 
     attn_implementation = resolve_attn_implementation(model_args.attn_implementation)
+    if model_args.dtype == "bfloat16" and not torch.cuda.is_available():
+        warn_if_bf16_is_emulated("dtype")
     if config is None and model_args.model_name_or_path is not None:
         name = model_args.model_name_or_path
         check_model_source(name, "model_name_or_path")

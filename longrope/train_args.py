@@ -18,6 +18,7 @@ from transformers import TrainingArguments
 
 from longrope import distributed
 from longrope.args import LossArguments, SequenceParallelArguments, require_positive_int
+from longrope.cpu_features import warn_if_bf16_is_emulated
 from longrope.errors import LongRopeError
 from longrope.lora import DEFAULT_LORA_TARGET_MODULES, DEFAULT_LORA_TRAINABLE_MODULES
 
@@ -148,6 +149,8 @@ class LongRopeTrainingArguments(SequenceParallelArguments, LossArguments, Traini
             # transformers refuses bf16 without a GPU unless use_cpu is set; a GPU recipe's bf16: true then runs
             # under the CPU's bf16 autocast, which is what this machine's CPU has (avx512_bf16 / AMX).
             self.use_cpu = True
+        if self.bf16 and self.use_cpu:
+            warn_if_bf16_is_emulated("bf16")
         if self.deepspeed and distributed.cpu_deepspeed_state_ready():
             # Reuse the gloo state train.py created at start (without it every CPU rank would train alone).
             if self.accelerator_config is None:
