@@ -41,6 +41,7 @@ smollm2: $(STAMP)
 	$(PY) -m longrope.gguf --output_dir models/smollm2-135m-instruct
 	$(PY) -m scripts.demo --config configs/smollm2-135m/pipeline.yaml --output_dir outputs/smollm2 --publish docs/smollm2 $(DEMO_ARGS)
 	$(PY) -m benchmarks.smollm2_finetune
+	$(PY) -m benchmarks.cpu_precision
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -89,7 +90,7 @@ class Demo:
     profiles: dict[str, dict[str, dict[str, Any]]]
     claims: tuple[dict[str, Any], ...] = ()
     plot: tuple[dict[str, Any], ...] = ()
-    original: int | None = None  # the base model's pre-training window
+    original: int | None = None  # the base model's pre-training window (None: not read yet, see load_demo)
     chain_prefix: str = CHAIN_PREFIX  # every stage's committed output is <chain_prefix><stage name>
     base_model: str = "models/tiny"
 
@@ -198,7 +199,9 @@ def _claim(where: str, item: Any, methods: dict[str, list[set[str]]], original: 
             if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 <= bound <= 100:
                 raise LongRopeError(f"{where}.{key}: {bound!r} must be a percentage (a number from 0 to 100)")
     try:
-        claim["claim"] = item["claim"].format(original=original, bound="" if bound is None else f"{bound:g}%")
+        # {original} stays in the text until the window is known (the summary reads it; see load_demo).
+        known = "{original}" if original is None else original
+        claim["claim"] = item["claim"].format(original=known, bound="" if bound is None else f"{bound:g}%")
     except (KeyError, IndexError, ValueError) as error:
         raise LongRopeError(f"{where}.claim: only {{original}} and {{bound}} can be filled in ({error})") from None
     return claim
@@ -236,13 +239,14 @@ def load_demo(path: str | Path = DEMO_CONFIG) -> Demo:
                 {**committed, **overrides.get(stage.name, {})} for overrides in profiles.values()
             ]
             methods[stage.name] = [set(_method_names(config)) for config in variants]
-    # The base model's window, read only when a claim uses it (so a pipeline over a model not yet downloaded or
-    # converted still loads, as its stages are checked and listed).
+    # The base model's window, read here only when a claim uses it and the model is on disk: a pipeline over a
+    # model not yet downloaded or converted still loads (its stages are checked and listed, a fresh clone's tests
+    # load it); the summary reads the window then, when its claims are judged.
     uses_original = any(
         isinstance(item, dict) and ("{original}" in str(item.get("claim", "")) or item.get("length") == "original")
         for item in raw["claims"] or []
     )
-    original = original_length(raw["base_model"]) if uses_original else None
+    original = original_length(raw["base_model"]) if uses_original and (ROOT / raw["base_model"]).exists() else None
     claims = [
         _claim(f"{path.name} claims[{i}]", item, methods, original) for i, item in enumerate(raw["claims"] or [])
     ]
@@ -471,12 +475,16 @@ class _Results:
     """The results.json of every evaluate.py stage under ``output_dir`` (None where the stage has not run)."""
 
     def __init__(self, demo: Demo, output_dir: Path):
-        self.original = demo.original
+        self._demo = demo
         self.by_stage: dict[str, dict[str, Any] | None] = {}
         for stage in demo.stages:
             path = output_dir / stage.name / "results.json"
             if stage.entry == "evaluate.py":
                 self.by_stage[stage.name] = json.loads(path.read_text()) if path.is_file() else None
+
+    @functools.cached_property
+    def original(self) -> int:
+        return self._demo.original or original_length(self._demo.base_model)
 
     def methods(self, stage: str) -> list[dict[str, Any]]:
         return (self.by_stage.get(stage) or {}).get("methods", [])
@@ -604,7 +612,10 @@ def evaluate_claims(demo: Demo, output_dir: Path) -> list[Verdict]:
     verdicts = []
     for claim in demo.claims:
         measured, held = CHECKS[claim["kind"]](claim, results)
-        verdicts.append(Verdict(claim["claim"], measured, claim["paper"], held))
+        text = claim["claim"]
+        if "{original}" in text:  # the base model was not on disk when the pipeline loaded
+            text = text.replace("{original}", str(results.original))
+        verdicts.append(Verdict(text, measured, claim["paper"], held))
     return verdicts
 
 

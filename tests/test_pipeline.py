@@ -3,6 +3,7 @@ table, and a CI-sized end-to-end run of every stage."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -78,17 +79,42 @@ def test_every_shipped_stage_chains_only_backwards():
 def test_the_smollm2_pipeline_chains_through_its_own_prefix():
     shipped = demo.load_demo(ROOT / "configs/smollm2-135m/pipeline.yaml")
     assert shipped.chain_prefix == "outputs/smollm2/"
-    resolved = demo.resolve_stages(shipped, Path("/x"), "demo")
-    assert list(resolved) == [stage.name for stage in shipped.stages]
-    for name in ("eval-16k", "eval-32k", "eval-passkey"):
-        searched = [m for m in resolved[name].config["methods"] if isinstance(m, dict)]
-        assert [m["rope_factors_path"] for m in searched] == ["/x/search-16k/factors.json"]
-        held_out = [] if name == "eval-passkey" else ["data/data-test"]  # the data-test stage's documents
-        assert sorted(resolved[name].reads) == [*held_out, "search-16k/factors.json"]
+    assert set(shipped.profiles) == {"demo", "cpu-fp32"}
+    reads = {
+        "search-short-8k": ["data/data-search", "search-32k/factors.json"],
+        "eval-16k": ["data/data-test", "search-16k/factors.json"],
+        "eval-8k-16k": ["data/data-test", "search-32k/factors.json", "search-short-8k/factors.json"],
+        "eval-32k": ["data/data-test", "search-32k/factors.json"],
+        "eval-64k": ["data/data-test-64k", "search-32k/factors.json"],
+        "eval-passkey": ["search-32k/factors.json", "search-short-8k/factors.json"],
+    }
+    for profile in shipped.profiles:
+        resolved = demo.resolve_stages(shipped, Path("/x"), profile)
+        assert list(resolved) == [stage.name for stage in shipped.stages]
+        for name, expected in reads.items():
+            assert sorted(resolved[name].reads) == expected, (profile, name)
+    fp32 = demo.resolve_stages(shipped, Path("/x"), "cpu-fp32")
+    for stage in ("search-32k", "search-short-8k", "eval-32k", "eval-passkey"):
+        assert (fp32[stage].config["dtype"], fp32[stage].config["attn_implementation"]) == ("float32", "sdpa")
     # Under another pipeline's prefix the same stages are refused: they write outside its chain.
     tiny_prefix = demo.Demo(shipped.stages, shipped.profiles, chain_prefix=demo.CHAIN_PREFIX)
     with pytest.raises(LongRopeError, match="set output_dir: outputs/tiny/search-16k"):
         demo.resolve_stages(tiny_prefix, Path("/x"), "demo")
+
+
+def test_a_pipeline_over_a_model_not_on_disk_loads_and_its_summary_reads_the_window(tmp_path):
+    # A fresh clone has no converted SmolLM2: the pipeline must still load (its stages listed and checked).
+    path = _demo_file(tmp_path, lambda data: data.update(base_model="models/not-converted-yet"))
+    pending = demo.load_demo(path)
+    assert pending.original is None
+    short = next(claim for claim in pending.claims if claim["kind"] == "within_and_below")
+    assert short["claim"].startswith("Short readjustment: at the original {original} within 10%")
+    with pytest.raises(LongRopeError, match="base_model: cannot read the config of 'models/not-converted-yet'"):
+        demo.evaluate_claims(pending, tmp_path / "nothing")
+    # Once the model is there, the summary reads its window and fills the text in.
+    ready = dataclasses.replace(pending, base_model="models/tiny")
+    verdict = next(v for v in demo.evaluate_claims(ready, tmp_path / "nothing") if v.claim.startswith("Short"))
+    assert verdict.claim.startswith("Short readjustment: at the original 256 within 10%")
 
 
 def _demo_file(tmp_path: Path, edit) -> Path:
