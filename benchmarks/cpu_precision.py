@@ -209,12 +209,18 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
                 "ranking_bf16": _ranking({m: bf16[m] for m in common}),
             }
     speedup = summary["speedup_over_fp32"].get(f"bf16-cpu_bf16@{TARGET_LENGTH}")
-    drift = [abs(v) for v in summary["perplexity_percent_vs_fp32"].values()]
+    # Drift per bf16 path: the goal is judged on the one the speed goal times (bf16 + cpu_bf16, which also scores
+    # the method table); bf16 + sdpa is reported beside it.
+    drift: dict[str, list[float]] = {}
+    for cell, value in summary["perplexity_percent_vs_fp32"].items():
+        drift.setdefault(cell.split("@")[0], []).append(abs(value))
     for table in summary.get("methods", {}).values():
-        drift += [abs(v) for m, v in table["percent_vs_fp32"].items() if m != "none"]
+        drift.setdefault("bf16-cpu_bf16", []).extend(
+            abs(v) for m, v in table["percent_vs_fp32"].items() if m != "none"
+        )
+    rates = payload["matmul_gflops"]
     emulated = ""
     if not payload.get("native_bf16", True):
-        rates = payload["matmul_gflops"]
         short = {c: r for c, r in summary["speedup_over_fp32"].items() if c.startswith("bf16-")}
         emulated = (
             f"this CPU has no native bf16 ({' or '.join(cpu_features.NATIVE_BF16_FLAGS)}): a bf16 matmul runs at "
@@ -222,18 +228,21 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
             + "".join(f", the {c} forward takes {1 / r:.1f}x the fp32 time" for c, r in short.items())
             + f"; the {GOAL_SPEEDUP}x goal needs a CPU with native bf16 (or a GPU). "
         )
+    goal_drift = drift.get("bf16-cpu_bf16") or [v for values in drift.values() for v in values]
     summary["verdict"] = (
         emulated
         + (
             f"32k forward in bf16 + cpu_bf16: {speedup:.2f}x fp32 (goal >= {GOAL_SPEEDUP}x: "
-            f"{'MET' if speedup >= GOAL_SPEEDUP else 'NOT MET'}); "
+            f"{'MET' if speedup >= GOAL_SPEEDUP else 'NOT MET'}; this CPU's bf16 / fp32 matmul rate, the ceiling of "
+            f"the ratio for a forward of matmuls and attention, is {rates['bf16'] / rates['fp32']:.2f}x); "
             if speedup is not None
             else "32k forward speed-up not measured in this run; "
         )
         + (
-            f"largest perplexity difference to fp32 {max(drift):.3f}% (goal <= {GOAL_PERPLEXITY_PERCENT}%: "
-            f"{'MET' if max(drift) <= GOAL_PERPLEXITY_PERCENT else 'NOT MET'}; plain RoPE past its window excluded)"
-            if drift
+            f"largest perplexity difference to fp32 {max(goal_drift):.3f}% (goal <= {GOAL_PERPLEXITY_PERCENT}%: "
+            f"{'MET' if max(goal_drift) <= GOAL_PERPLEXITY_PERCENT else 'NOT MET'}; plain RoPE past its window "
+            "excluded)" + "".join(f", {name} {max(values):.3f}%" for name, values in drift.items() if len(drift) > 1)
+            if goal_drift
             else "perplexity difference not measured"
         )
     )

@@ -86,7 +86,8 @@ def test_the_smollm2_pipeline_chains_through_its_own_prefix():
         "eval-8k-16k": ["data/data-test", "search-32k/factors.json", "search-short-8k/factors.json"],
         "eval-32k": ["data/data-test", "search-32k/factors.json"],
         "eval-64k": ["data/data-test-64k", "search-32k/factors.json"],
-        "eval-passkey": ["search-32k/factors.json", "search-short-8k/factors.json"],
+        "eval-passkey": ["search-32k/factors.json"],
+        "eval-passkey-export": ["search-short-8k/factors.json"],
     }
     for profile in shipped.profiles:
         resolved = demo.resolve_stages(shipped, Path("/x"), profile)
@@ -94,7 +95,7 @@ def test_the_smollm2_pipeline_chains_through_its_own_prefix():
         for name, expected in reads.items():
             assert sorted(resolved[name].reads) == expected, (profile, name)
     fp32 = demo.resolve_stages(shipped, Path("/x"), "cpu-fp32")
-    for stage in ("search-32k", "search-short-8k", "eval-32k", "eval-passkey"):
+    for stage in ("search-32k", "search-short-8k", "eval-32k", "eval-passkey", "eval-passkey-export"):
         assert (fp32[stage].config["dtype"], fp32[stage].config["attn_implementation"]) == ("float32", "sdpa")
     # Under another pipeline's prefix the same stages are refused: they write outside its chain.
     tiny_prefix = demo.Demo(shipped.stages, shipped.profiles, chain_prefix=demo.CHAIN_PREFIX)
