@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 2 evaluate.py --config configs/tiny/eval-sp.yaml     # one sequence over 2 processes
 
 Writes output_dir/results.json (every number, with the model, factors-file hashes and data hash), results.md (a
-methods x lengths table) and plot.png (perplexity vs length, log axes, one line per method). Keys:
+methods x lengths table) and plot.png (perplexity vs length, log axes, one line per method). Each finished method is
+also kept in output_dir/methods/: a rerun with the same settings reuses it, so an interrupted run resumes. Keys:
 longrope/args.py (ModelArguments, RopeArguments: the defaults of every method entry) and longrope/evaluation.py
 (EvalArguments).
 """
@@ -47,10 +48,18 @@ def main(argv: list[str] | None = None) -> dict:
             # Model and evaluation
             ###############
             model = load_for_evaluation(model_args)
-            results = evaluate_methods(model, tokenizer, eval_args, specs, model_args.model_name_or_path)
+            settings = resolved_config(model_args, rope_args, eval_args)
+            results = evaluate_methods(
+                model,
+                tokenizer,
+                eval_args,
+                specs,
+                model_args.model_name_or_path,
+                checkpoint_dir=eval_args.output_dir,
+                settings=settings,
+            )
             if distributed.is_main():
-                config_text = yaml.safe_dump(resolved_config(model_args, rope_args, eval_args), sort_keys=False)
-                atomic_write_text(f"{eval_args.output_dir}/config.yaml", config_text)
+                atomic_write_text(f"{eval_args.output_dir}/config.yaml", yaml.safe_dump(settings, sort_keys=False))
                 paths = write_outputs(results, eval_args.output_dir)
                 print(paths["markdown"].read_text())
                 print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -11,6 +11,8 @@ beyond what a method was set up for is evaluated with a warning, never refused.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
@@ -233,6 +235,34 @@ def check_prompt_lengths(tokenizer: Any, args: EvalArguments) -> None:
             )
 
 
+# Each finished method's entry is kept in output_dir/methods/ so that an interrupted run (a passkey grid is an hour on
+# a CPU) resumes at its first unfinished method, and a method added to the list later costs only itself. An entry is
+# reused only when everything behind its numbers matches: every setting but the method list, the method's resolved
+# scaling and its factors file's sha256.
+METHOD_CHECKPOINTS = "methods"
+
+
+def method_fingerprint(settings: dict[str, Any], spec: MethodSpec) -> str:
+    shared = {key: value for key, value in settings.items() if key != "methods"}
+    payload = {"settings": shared, "scaling": repr(spec.scaling), "rope_factors_sha256": spec.resolved.sha256}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def method_checkpoint_path(checkpoint_dir: str | Path, name: str) -> Path:
+    return Path(checkpoint_dir) / METHOD_CHECKPOINTS / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json")
+
+
+def load_method_checkpoint(checkpoint_dir: str | Path, spec: MethodSpec, fingerprint: str) -> dict[str, Any] | None:
+    path = method_checkpoint_path(checkpoint_dir, spec.name)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint or saved.get("name") != spec.name:
+        return None
+    return saved.get("entry")
+
+
 def evaluate_methods(
     model: Any,
     tokenizer: Any,
@@ -240,8 +270,14 @@ def evaluate_methods(
     specs: list[MethodSpec],
     model_name: str | None = None,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every method of ``specs`` (from :func:`resolve_methods`) installed in turn into ``model`` and evaluated."""
+    """Every method of ``specs`` (from :func:`resolve_methods`) installed in turn into ``model`` and evaluated.
+
+    With ``checkpoint_dir``, a method whose entry was saved there under the same ``settings`` (the run's resolved
+    config) is reused instead of evaluated, and every newly evaluated one is saved.
+    """
     from longrope import needle, perplexity, retrieval
 
     documents, data_info, haystack = [], None, None
@@ -285,6 +321,15 @@ def evaluate_methods(
             "haystack": args.retrieval_haystack,
         }
     for spec in specs:
+        fingerprint = method_fingerprint(settings or {}, spec)
+        if checkpoint_dir is not None:
+            saved = load_method_checkpoint(checkpoint_dir, spec, fingerprint)
+            if saved is not None:
+                if distributed.is_main():
+                    path = method_checkpoint_path(checkpoint_dir, spec.name)
+                    logger.warning(f"method {spec.name}: reused from {path} (same settings); delete it to re-evaluate")
+                results["methods"].append(saved)
+                continue
         rope.install(model, spec.scaling, sequence_parallel_group=group)
         entry: dict[str, Any] = {
             "name": spec.name,
@@ -357,6 +402,11 @@ def evaluate_methods(
                 allow_downloads=args.ruler_allow_downloads,
             )
         results["methods"].append(entry)
+        if checkpoint_dir is not None and distributed.is_main():
+            atomic_write_json(
+                method_checkpoint_path(checkpoint_dir, spec.name),
+                {"name": spec.name, "fingerprint": fingerprint, "entry": entry},
+            )
     return results
 
 

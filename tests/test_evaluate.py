@@ -104,6 +104,30 @@ def test_evaluate_writes_json_table_and_plot(world, tmp_path):
     assert results["methods"][0]["name"] == "none"
 
 
+def test_an_interrupted_run_resumes_from_its_finished_methods(world, tmp_path):
+    from longrope.evaluation import method_checkpoint_path
+
+    out = tmp_path / "out"
+    evaluate.main(["--config", str(write_config(world, tmp_path, methods=["none", "yarn"], lengths=[128]))])
+    saved_none = method_checkpoint_path(out, "none")
+    assert saved_none.is_file() and method_checkpoint_path(out, "yarn").is_file()
+    # Mark the saved entry: a rerun that reuses it reports the mark, one that re-evaluates reports a real number.
+    checkpoint = json.loads(saved_none.read_text())
+    checkpoint["entry"]["perplexity"]["128"] = -1.0
+    saved_none.write_text(json.dumps(checkpoint))
+    rerun = evaluate.main(
+        ["--config", str(write_config(world, tmp_path, methods=["none", "yarn", "pi"], lengths=[128]))]
+    )
+    ppl = {entry["name"]: entry["perplexity"]["128"] for entry in rerun["methods"]}
+    assert ppl["none"] == -1.0 and ppl["pi"] > 1 and method_checkpoint_path(out, "pi").is_file()
+    assert json.loads((out / "results.json").read_text())["methods"][0]["perplexity"]["128"] == -1.0
+    # Any other setting changed: nothing is reused.
+    changed = evaluate.main(
+        ["--config", str(write_config(world, tmp_path, methods=["none"], lengths=[128], num_documents=2))]
+    )
+    assert changed["methods"][0]["perplexity"]["128"] > 1
+
+
 def test_perplexity_equals_the_plain_forward_of_the_patched_model(world, tmp_path):
     import transformers
 
