@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from longrope import rope
 from longrope.errors import LongRopeError
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking")
@@ -603,13 +604,14 @@ def retrieval_suite(
         pad_token_id = getattr(tokenizer, "eos_token_id", None)
     for task, cell, sample in progress_bar(jobs, len(jobs), "retrieval", progress):
         input_ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
-        with torch.inference_mode():
+        max_new_tokens = len(sample.answer_ids) + 8
+        with torch.inference_mode(), rope.factors_for_generation(model, input_ids.shape[1] + max_new_tokens):
             output = model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 do_sample=False,
                 num_beams=1,
-                max_new_tokens=len(sample.answer_ids) + 8,
+                max_new_tokens=max_new_tokens,
                 pad_token_id=pad_token_id,
             )
         continuation = tokenizer.decode(output[0, input_ids.shape[1] :].tolist(), skip_special_tokens=True)

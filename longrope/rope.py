@@ -41,6 +41,7 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -684,6 +685,31 @@ def select_factors(model: nn.Module, selection: str) -> None:
         raise LongRopeError(f"selection = {selection!r} is not known: use one of {', '.join(SELECTIONS)}")
     for module in _require_installed(model):
         module.selection = selection
+
+
+@contextlib.contextmanager
+def factors_for_generation(model: nn.Module, final_length: int):
+    """Within the block, every installed module uses the factor set of a sequence of ``final_length`` tokens.
+
+    Choosing the set per forward (``"auto"``) would switch sets when a generation grows past the original window:
+    the keys cached from the prompt were rotated with the short set and the new tokens with the long one, which
+    breaks the answer (SmolLM2's export: 0 of 5 passkeys at an 8k prompt). Stock transformers' ``longrope`` switches
+    there too. A model without a short set, or without installed modules, is left as it is.
+    """
+    modules = [module for module in installed_modules(model) if module.selection == "auto"]
+    pinned = [
+        module
+        for module in modules
+        if module.scaling.short_factors is not None or module.scaling.short_mscale is not None
+    ]
+    for module in pinned:
+        original = module.scaling.geometry.original_max_position_embeddings
+        module.selection = "long" if final_length > original else "short"
+    try:
+        yield
+    finally:
+        for module in pinned:
+            module.selection = "auto"
 
 
 def set_sequence_parallel_group(model: nn.Module, group: Any) -> None:

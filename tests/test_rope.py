@@ -491,3 +491,30 @@ def test_rope_installs_into_a_model_built_on_the_gpu():
         expected = on_cpu(input_ids=input_ids).logits
         got = model(input_ids=input_ids.cuda()).logits.cpu()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_generation_past_the_window_keeps_one_factor_set_for_prompt_and_answer():
+    model = tiny_model(max_position_embeddings=64, initializer_range=0.3)  # sharp attention: the set shows
+    geometry = rope.RopeGeometry.from_config(model.config)
+    pairs = geometry.num_pairs
+    scaling = rope.longrope_scaling(geometry, 256, [4.0] * pairs, short_factors=[1.0] * pairs)
+    rope.install(model, scaling)
+    # A prompt filling the window: choosing per forward, it is rotated with the short set and the answer with the long.
+    prompt = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    new_tokens = 10
+    with torch.no_grad():
+        mixed = model.generate(input_ids=prompt, do_sample=False, max_new_tokens=new_tokens, pad_token_id=0)
+    with torch.no_grad(), rope.factors_for_generation(model, prompt.shape[1] + new_tokens):
+        assert {m.selection for m in rope.installed_modules(model)} == {"long"}
+        cached = model.generate(input_ids=prompt, do_sample=False, max_new_tokens=new_tokens, pad_token_id=0)
+    assert {m.selection for m in rope.installed_modules(model)} == {"auto"}
+    # The reference: the set of the final length (74 > 64: long) forced on every forward, prompt and answer.
+    rope.select_factors(model, "long")
+    with torch.no_grad():
+        sequence = model.generate(input_ids=prompt, do_sample=False, max_new_tokens=new_tokens, pad_token_id=0)
+    assert cached.tolist() == sequence.tolist() != mixed.tolist()
+    with rope.factors_for_generation(model, 64):  # a forced selection is the caller's and stays
+        assert {m.selection for m in rope.installed_modules(model)} == {"long"}
+    rope.select_factors(model, "auto")
+    with rope.factors_for_generation(model, 64):
+        assert {m.selection for m in rope.installed_modules(model)} == {"short"}
