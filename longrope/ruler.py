@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from longrope import rope
 from longrope.errors import LongRopeError
 
 logger = logging.getLogger(__name__)
@@ -210,9 +211,17 @@ def run_ruler(
         for length in lengths:
             manager = _task_manager({"max_seq_lengths": [length], "tokenizer": tokenizer_dir})
             try:
-                output = simple_evaluate(
-                    model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=True, bootstrap_iters=0
-                )
+                # One factor set per length, for prompt and answer alike: a prompt sized to the window whose answer
+                # crosses it would otherwise be rotated with the short set and answered with the long one.
+                with rope.factors_for_generation(model, length):
+                    output = simple_evaluate(
+                        model=lm,
+                        tasks=list(tasks),
+                        limit=limit,
+                        task_manager=manager,
+                        log_samples=True,
+                        bootstrap_iters=0,
+                    )
             except ValueError as error:
                 if "max_seq_length" not in str(error):
                     raise

@@ -53,6 +53,32 @@ def test_offline_ruler_tasks_through_evaluate(tiny_world, tmp_path):
     assert "| yarn | niah_multikey_2 |" in table
 
 
+def test_each_length_is_evaluated_with_one_factor_set(tiny_world, monkeypatch):
+    pytest.importorskip("wonderwords", reason="every lm-eval RULER task imports wonderwords (pip install wonderwords)")
+    import lm_eval
+    import transformers
+
+    from longrope import rope
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_world / "model").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_world / "model")
+    geometry = rope.RopeGeometry.from_config(model.config)
+    original = geometry.original_max_position_embeddings
+    pairs = geometry.num_pairs
+    rope.install(model, rope.longrope_scaling(geometry, 4 * original, [4.0] * pairs, short_factors=[1.0] * pairs))
+    seen = {}
+
+    def recording_evaluate(**kwargs):
+        length = kwargs["task_manager"].metadata["max_seq_lengths"][0]
+        seen[length] = {module.selection for module in rope.installed_modules(model)}
+        return {"samples": {task: [] for task in kwargs["tasks"]}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", recording_evaluate)
+    ruler.run_ruler(model, tokenizer, ["niah_single_1"], [original, 2 * original])
+    assert seen == {original: {"short"}, 2 * original: {"long"}}
+    assert {module.selection for module in rope.installed_modules(model)} == {"auto"}
+
+
 def test_per_length_scores_come_from_the_samples_at_any_length():
     """Lengths outside the YAMLs' 4096..131072 metric list (here 262144) are scored like any other."""
     samples = [

@@ -744,24 +744,25 @@ def test_lora_with_tiled_mlp_and_offload_under_zero3_and_sequence_parallelism_ma
 # W&B: the factors file as an artifact of the (offline) run
 
 
-def test_the_factors_file_is_logged_as_a_wandb_artifact(world, tmp_path, monkeypatch):
+def test_the_factors_file_is_logged_as_a_wandb_artifact(world, tmp_path):
+    # A process of its own: W&B and accelerate keep process-wide singletons that other tests in the same (xdist
+    # worker) process may have set up differently, and a launched run is what users get.
     wandb_dir = tmp_path / "wandb-dir"
     wandb_dir.mkdir()
-    for name in ("WANDB_API_KEY", "WANDB_BASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    import wandb
-
-    wandb.teardown()  # an earlier test's W&B session would keep its own settings (and run directory)
+    env = {name: value for name, value in os.environ.items() if name not in ("WANDB_API_KEY", "WANDB_BASE_URL")}
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_DIR=str(wandb_dir),
+        WANDB_DATA_DIR=str(tmp_path / "wandb-data"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+        WANDB_SILENT="true",
+        OMP_NUM_THREADS="1",
+    )
     config = _config(world, "continuous", tmp_path / "out", max_steps=1, report_to="wandb", run_name="artifact-test")
-    train.main(["--config", str(config)])
-
-    wandb.finish()  # the Trainer leaves its run open until interpreter exit; close it so its file is complete
+    command = [sys.executable, "train.py", "--config", str(config)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
 
     runs = sorted(wandb_dir.glob("wandb/offline-run-*"))
     assert len(runs) == 1, runs
