@@ -26,13 +26,13 @@ $(STAMP): requirements.txt | $(PY)
 install: $(STAMP)
 
 # Test files spread over TEST_WORKERS pytest-xdist processes, a file's tests together (its module fixtures are built
-# once), the longest files first (tests/conftest.py); TEST_WORKERS=0 runs them in one process.
+# once); TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Resumes an interrupted run; `make demo DEMO_ARGS=--fresh` starts over.
 demo: $(STAMP)
