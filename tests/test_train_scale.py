@@ -765,7 +765,7 @@ def test_the_factors_file_is_logged_as_a_wandb_artifact(world, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
     runs = sorted(wandb_dir.glob("wandb/offline-run-*"))
-    assert len(runs) == 1, runs
+    assert len(runs) == 1, (runs, result.stderr[-4000:])  # once seen empty under load: keep what W&B said
     records = list(_wandb_records(next(runs[0].glob("*.wandb"))))
     artifacts = [record.artifact for record in records if record.WhichOneof("record_type") == "artifact"]
     factor_artifacts = [artifact for artifact in artifacts if artifact.type == "longrope-factors"]
