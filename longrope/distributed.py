@@ -40,6 +40,7 @@ def init_cpu_deepspeed() -> None:
     global _cpu_deepspeed_state
     if torch.cuda.is_available() or not launched_distributed() or _cpu_deepspeed_state:
         return
+    skip_deepspeed_inference_all_reduce_build()
     from accelerate import PartialState
 
     previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
@@ -52,6 +53,19 @@ def init_cpu_deepspeed() -> None:
         else:
             os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
     _cpu_deepspeed_state = True
+
+
+# DeepSpeed's CPU comm backend JIT-compiles this op when it starts (g++, about a minute of one core, once per machine).
+DEEPSPEED_INFERENCE_ALL_REDUCE_OP = "deepspeed_shm_comm"
+
+
+def skip_deepspeed_inference_all_reduce_build() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce kernel on a CPU: only ``inference_all_reduce``
+    (DeepSpeed's tensor-parallel inference) calls it, never ZeRO training, which reduces over gloo. A kernel already
+    built stays unused either way. A library internal (README "Private APIs"): the probed table of compatible ops."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[DEEPSPEED_INFERENCE_ALL_REDUCE_OP] = False
 
 
 def cpu_deepspeed_state_ready() -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from longrope.distributed import skip_deepspeed_inference_all_reduce_build
 from longrope.errors import LongRopeError
 
 
@@ -72,6 +73,8 @@ def register_for_evaluation(model: Any, sp_size: int, world_size: int) -> Any:
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
     on_gpu = next(model.parameters()).device.type == "cuda"
+    if not on_gpu:
+        skip_deepspeed_inference_all_reduce_build()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -41,3 +42,12 @@ def start_wandb(project: str, name: str, config: dict[str, Any], output_dir: str
 
     safe_config = {k: v for k, v in config.items() if not k.endswith("_token") and "key" not in k.lower()}
     return wandb.init(project=os.environ.get("WANDB_PROJECT", project), name=name, config=safe_config, dir=output_dir)
+
+
+def finish_wandb_run() -> None:
+    """End the W&B run the Trainer started, so that everything it queued (the factors artifact, the last metrics) is
+    written (offline) or uploaded before train.py returns. Left to W&B's exit hook, a loaded machine ended the process
+    with the artifact, once even the whole offline run, missing."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish()

@@ -94,6 +94,13 @@ class LongRopeTrainingArguments(SequenceParallelArguments, LossArguments, Traini
             "backward needs them (DeepSpeed's checkpoint offload; needs activation_checkpointing; no-op on CPU)."
         },
     )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate on the first this many rows of the validation split (default: all of it), as in "
+            "transformers' run_clm example."
+        },
+    )
     estimate_memory: bool = field(
         default=False,
         metadata={
@@ -144,6 +151,14 @@ class LongRopeTrainingArguments(SequenceParallelArguments, LossArguments, Traini
             if not torch.cuda.is_available():
                 # A dry run checks the recipe, not the precision; CPUs refuse the bf16/fp16 a GPU recipe sets.
                 self.bf16 = self.fp16 = False
+        if self.max_eval_samples is not None and (
+            isinstance(self.max_eval_samples, bool)
+            or not isinstance(self.max_eval_samples, int)
+            or self.max_eval_samples < 1
+        ):
+            raise LongRopeError(
+                f"max_eval_samples: {self.max_eval_samples!r} must be an integer >= 1; drop it to evaluate every row"
+            )
         self._check_memory_keys()
         if self.bf16 and not self.use_cpu and not _accelerator_available():
             # transformers refuses bf16 without a GPU unless use_cpu is set; a GPU recipe's bf16: true then runs

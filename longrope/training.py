@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,7 @@ def train(model_args: Any, rope_args: Any, export_args: Any, data_args: Any, tra
     from longrope.io import atomic_write_json, atomic_write_text
     from longrope.modeling import load_config, load_tokenizer, new_model_config, prepare_model
     from longrope.throughput import ThroughputCallback, count_parameters, device_peak_flops
-    from longrope.tracking import configure_wandb
+    from longrope.tracking import configure_wandb, finish_wandb_run
     from longrope.trainer import (
         FactorsCopyCallback,
         LongContextTrainer,
@@ -158,6 +159,8 @@ def train(model_args: Any, rope_args: Any, export_args: Any, data_args: Any, tra
     if "train" not in dataset:
         raise LongRopeError(f"dataset_path: '{data_args.dataset_path}' has no train split; {hint}")
     eval_dataset = dataset.get("validation")
+    if eval_dataset is not None and training_args.max_eval_samples is not None:
+        eval_dataset = eval_dataset.select(range(min(training_args.max_eval_samples, len(eval_dataset))))
     eval_strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
     if eval_strategy != "no" and eval_dataset is None:
         raise LongRopeError(
@@ -171,6 +174,12 @@ def train(model_args: Any, rope_args: Any, export_args: Any, data_args: Any, tra
         raise LongRopeError(
             f"max_seq_len: {data_args.max_seq_len}, but the rows of '{data_args.dataset_path}' hold {seq_len} tokens; "
             "prepare the dataset again with this max_seq_len or drop the key"
+        )
+    if training_args.deepspeed and "WORLD_SIZE" not in os.environ:
+        # DeepSpeed reads its rank from a launcher's environment and otherwise tries MPI (mpi4py), deep in model loading.
+        raise LongRopeError(
+            "deepspeed: a DeepSpeed run needs a launcher; start it with `accelerate launch --num_processes N train.py` "
+            "or `torchrun --nproc_per_node N train.py` (N may be 1), or drop deepspeed from the config"
         )
     global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     world_size = distributed.launched_world_size()
@@ -327,4 +336,5 @@ def train(model_args: Any, rope_args: Any, export_args: Any, data_args: Any, tra
     # garbage collector cannot see; only engine.destroy() unties them, so their process groups (and threads) can
     # be freed before interpreter exit rather than in its arbitrary teardown order.
     trainer.accelerator.free_memory()
+    finish_wandb_run()
     return metrics

@@ -224,6 +224,7 @@ def test_sequence_parallel_perplexity_equals_single_process(world, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "evaluate.py", "--config"]
     process = subprocess.run([*command, str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
+    assert "deepspeed_shm_comm_op built" not in process.stdout + process.stderr  # the op inference would use
     sharded = json.loads((tmp_path / "two" / "out" / "results.json").read_text())
     assert sharded["protocol"]["sp_size"] == 2
     expected = single["methods"][0]["perplexity"]["256"]

@@ -83,6 +83,36 @@ def test_the_zero3_switch_and_deepspeed_helpers_exist():
     assert "hf_deepspeed_config" in inspect.getsource(TrainingArguments)
 
 
+def test_deepspeed_builds_its_shared_memory_all_reduce_only_when_the_probed_op_table_allows_it(monkeypatch):
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    from longrope import distributed
+
+    # the module, not the attribute: deepspeed.comm's "torch" attribute is torch itself
+    deepspeed_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    assert builder.NAME == distributed.DEEPSPEED_INFERENCE_ALL_REDUCE_OP
+    assert distributed.DEEPSPEED_INFERENCE_ALL_REDUCE_OP in deepspeed.ops.__compatible_ops__
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, builder.NAME, deepspeed.ops.__compatible_ops__[builder.NAME])
+
+    def no_compiling(self, *args, **kwargs):
+        raise AssertionError("the shared-memory all-reduce op was compiled")
+
+    monkeypatch.setattr(type(builder), "load", no_compiling)
+    distributed.skip_deepspeed_inference_all_reduce_build()
+    assert deepspeed_torch_comm.build_shm_op() is None
+    # Training never calls the op: of the comm backend's methods, only inference_all_reduce reads what it set up.
+    source = inspect.getsource(deepspeed_torch_comm.TorchBackend)
+    readers = [
+        name
+        for name, member in inspect.getmembers(deepspeed_torch_comm.TorchBackend, inspect.isfunction)
+        if name != "__init__"
+        and ("shm_comm_op" in inspect.getsource(member) or "shm_vector" in inspect.getsource(member))
+    ]
+    assert readers == ["inference_all_reduce"] and "build_shm_op()" in source
+
+
 def test_a_prepared_dataset_keeps_a_fingerprint():
     import datasets
 

@@ -143,6 +143,16 @@ def test_unknown_command_line_argument_is_a_one_line_error(tmp_path, prepared, r
     assert "--max_stpes" in refused(["--config", str(config), "--max_stpes", "3"])
 
 
+def test_deepspeed_without_a_launcher_is_a_one_line_error(tmp_path, prepared, refused, monkeypatch):
+    # Without a launcher's environment DeepSpeed would try MPI (mpi4py) deep inside the model's loading.
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    config = _write_config(tmp_path / "c.yaml", prepared, tmp_path / "out", deepspeed="configs/deepspeed/zero3.json")
+    message = refused(["--config", str(config)])
+    assert "deepspeed: a DeepSpeed run needs a launcher" in message and "--nproc_per_node N" in message
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -153,11 +163,33 @@ def test_unknown_command_line_argument_is_a_one_line_error(tmp_path, prepared, r
         ({"tokenizer_name_or_path": None}, "tokenizer_name_or_path: required"),
         ({"bookend": "both"}, "bookend: 'both' is not one of segment, document"),
         ({"max_seq_len": 64}, "max_seq_len: 64, but the rows of"),
+        ({"max_eval_samples": 0}, "max_eval_samples: 0 must be an integer >= 1"),
     ],
 )
 def test_bad_configuration_is_a_one_line_error_naming_the_key(tmp_path, prepared, refused, overrides, expected):
     config = _write_config(tmp_path / "c.yaml", prepared, tmp_path / "out", **overrides)
     assert expected in refused(["--config", str(config)])
+
+
+def test_max_eval_samples_evaluates_the_first_rows_of_the_validation_split(tmp_path, prepared, monkeypatch):
+    from transformers import Trainer
+
+    rows = len(data.load_prepared_dataset(prepared / "dataset")["validation"])
+    assert rows > 2
+    evaluated = []
+    evaluate = Trainer.evaluate
+
+    def counting_evaluate(self, *args, **kwargs):
+        evaluated.append(list(self.eval_dataset["input_ids"]))
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", counting_evaluate)
+    for limit in (2, rows + 5):
+        config = _write_config(tmp_path / f"c{limit}.yaml", prepared, tmp_path / f"out{limit}", max_steps=1)
+        metrics = train.main(["--config", str(config), "--max_eval_samples", str(limit)])
+        assert math.isfinite(metrics["eval_loss"])
+    first, everything = evaluated
+    assert len(first) == 2 and len(everything) == rows and first == everything[:2]
 
 
 def test_missing_validation_split_with_evaluation_enabled(tmp_path, prepared, refused):
