@@ -11,6 +11,18 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist the workers share the machine's cores: each takes its share of threads (and passes it to the
+# processes it launches), since two workers of all-cores thread pools oversubscribe the CPU.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
+# The files with the most CPU time (the CI-sized demo, the multi-process training runs), first under xdist, longest
+# first: a file is one work unit there, the first two go one to each worker, and the longest one started last would
+# leave the other worker idle while it finishes.
+LONGEST_FIRST = ("test_pipeline.py", "test_train_scale.py", "test_search.py", "test_evaluate.py")
+
 ORIGINAL_LENGTH = 64
 
 # Small enough for milliseconds per forward, large enough for 16 frequency pairs (head_dim 32).
@@ -96,7 +108,11 @@ def user_error(capsys, call, *args, **kwargs) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests need CUDA: skipped with a reason on CPU machines, where their CPU twin runs instead."""
+    """``gpu`` tests need CUDA: skipped with a reason on CPU machines, where their CPU twin runs instead. Under xdist
+    the files of LONGEST_FIRST come first (make test keeps this order: --no-loadscope-reorder)."""
+    if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+        rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; its CPU twin covers the same code path")

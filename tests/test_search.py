@@ -159,8 +159,13 @@ def test_sigkill_and_resume_give_the_uninterrupted_factors(world, tmp_path, mode
 
     state = tmp_path / "kill" / "out" / "search_state.json"
     kills = 0
-    for attempt in range(12):
+    # Three kills at points that move with each attempt, then a run to the end: each relaunch pays the whole
+    # start-up (imports, model load), so killing after every generation would cost more without testing more.
+    for attempt in range(4):
         process = _run([sys.executable, "search.py", "--config", str(killed_cfg), "--resume", "true"])
+        if attempt == 3:
+            process.wait(timeout=600)
+            break
         # Let it make progress, then kill it hard at a point that moves with each attempt.
         deadline = time.time() + 60
         before = json.loads(state.read_text())["evolution"]["generation"] if state.exists() else -1
@@ -175,8 +180,6 @@ def test_sigkill_and_resume_give_the_uninterrupted_factors(world, tmp_path, mode
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         kills += 1
-    else:
-        pytest.fail("the killed search never finished")
     assert process.returncode == 0, process.stdout.read().decode()[-2000:]
     assert kills >= 2, "the test must really kill the search mid-run"
     a = factors.load(tmp_path / "ref" / "out" / "factors.json")
