@@ -11,13 +11,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Under pytest-xdist the workers share the machine's cores: each takes its share of threads (and passes it to the
-# processes it launches), since two workers of all-cores thread pools oversubscribe the CPU.
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ["OMP_NUM_THREADS"] = str(_threads)
-    torch.set_num_threads(_threads)
-
 # The files with the most CPU time (the CI-sized demo, the multi-process training runs), first under xdist, longest
 # first: a file is one work unit there, the first two go one to each worker, and the longest one started last would
 # leave the other worker idle while it finishes.
