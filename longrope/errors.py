@@ -17,6 +17,10 @@ class LongRopeError(ValueError):
     """Bad input from a user: config keys, files, factors, lengths."""
 
 
+# How long a rank other than the first waits before exiting on a user error, so the first one prints it.
+ERROR_GRACE_SECONDS = 10
+
+
 def _is_first_rank() -> bool:
     try:
         import torch.distributed as dist
@@ -36,4 +40,10 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
     except LongRopeError as error:
         if _is_first_rank():
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # The other ranks meet the same error at about the same moment; one that exited first would have torchrun
+            # kill the first rank before it printed the line (seen on a loaded CI machine).
+            import time
+
+            time.sleep(ERROR_GRACE_SECONDS)
         raise SystemExit(2) from None
