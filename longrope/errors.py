@@ -40,7 +40,7 @@ def exit_on_user_error(prog: str) -> Iterator[None]:
     except LongRopeError as error:
         if _is_first_rank():
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        else:
             # The other ranks meet the same error at about the same moment; one that exited first would have torchrun
             # kill the first rank before it printed the line (seen on a loaded CI machine).
             import time
