@@ -58,6 +58,19 @@ def test_a_stage_reads_earlier_stages_through_the_demo_directory(tmp_path):
         demo.resolve_stage(stage, out, {}, without_search)
 
 
+def test_a_profile_sets_the_processes_of_a_stage_apart_from_its_config(tmp_path):
+    config = _stage_config(tmp_path, "s", {"model_name_or_path": "models/tiny", "output_dir": "outputs/tiny/search-x"})
+    stage = demo.Stage("search-x", "search.py", config, ("factors.json",), processes=2)
+    assert demo.resolve_stage(stage, tmp_path, {}, {}).processes == 2
+    resolved = demo.resolve_stage(stage, tmp_path, {"processes": 1, "num_documents": 1}, {})
+    assert resolved.processes == 1 and "processes" not in resolved.config and resolved.config["num_documents"] == 1
+    command = demo.stage_command(stage, tmp_path / "s.yaml", resolved.processes)
+    assert command[1:] == ["search.py", "--config", str(tmp_path / "s.yaml")]
+    assert "torch.distributed.run" in demo.stage_command(stage, tmp_path / "s.yaml", 2)
+    with pytest.raises(LongRopeError, match=r"stage search-x: processes: 0 must be a whole number >= 1"):
+        demo.resolve_stage(stage, tmp_path, {"processes": 0}, {})
+
+
 def test_a_stage_writing_outside_its_own_directory_is_refused(tmp_path):
     config = _stage_config(tmp_path, "s", {"model_name_or_path": "models/tiny", "output_dir": "outputs/tiny/other"})
     stage = demo.Stage("search-x", "search.py", config, ("factors.json",))
@@ -299,6 +312,11 @@ def test_the_ci_sized_demo_runs_every_stage_and_chains_their_outputs(tmp_path):
         for relative in record["reads"]:
             assert (out / relative).exists(), f"{stage.name} reads {relative}, which no stage wrote"
         sources[stage.name] = sorted({relative.split("/")[0] for relative in record["reads"]})
+        # The ci profile runs every stage in one process but the ZeRO-3 + SP=2 fine-tune; those are forked from the
+        # preloaded demo process, the fine-tune starts torchrun.
+        multi_rank = stage.name == "finetune-8x"
+        assert ("torch.distributed.run" in record["command"]) == multi_rank, stage.name
+        assert record["launched"] == ("new interpreter" if multi_rank else "forked"), stage.name
     assert sources == {
         "pretrain-2048": [],
         "eval-baselines": [],

@@ -133,3 +133,17 @@ def test_lm_eval_ruler_downloads_punkt_through_nltk_download_at_import():
     assert spec is not None and spec.origin
     source = open(spec.origin).read()
     assert 'nltk.download("punkt_tab")' in source and "\ndownload_nltk_resources()" in source
+
+
+def test_atexit_can_run_the_exit_functions_of_a_forked_child():
+    # longrope/preloaded.py ends a forked stage with os._exit, which skips atexit; it runs them through this first,
+    # as the interpreter would on exit (W&B, logging, temporary directories).
+    import atexit
+
+    ran = []
+    atexit.register(ran.append, 1)
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        atexit.unregister(ran.append)
+    assert ran == [1]
