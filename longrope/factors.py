@@ -336,7 +336,8 @@ def to_rope_parameters(
         raise LongRopeError(
             f"short_mscale = {scaling.short_set_mscale:.4g} differs from mscale = {scaling.mscale:.4g}: stock "
             "transformers' longrope applies one attention_factor to every length; pass allow_shared_mscale=True "
-            f"(--allow_shared_mscale) to export the long set's {scaling.mscale:.4g} for every length"
+            f"(--allow_shared_mscale) to export the long set's {scaling.mscale:.4g} for every length, or "
+            f"rope_mscale: {scaling.short_set_mscale:.4g} (--rope_mscale) to give the long set the short set's"
         )
     geometry = scaling.geometry
     short = scaling.short_factors if scaling.short_factors is not None else scaling.long_factors

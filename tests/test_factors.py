@@ -280,9 +280,12 @@ def test_checkpoint_configs_with_phi3_small_style_mscales_are_read():
 def test_rope_parameters_refuse_an_own_short_mscale_unless_shared_mscale_is_allowed():
     scaling = sample_scaling().replace(short_mscale=1.0)
     with pytest.raises(
-        LongRopeError, match=r"short_mscale = 1 differs from mscale = 1.1[0-9]*: .*allow_shared_mscale"
+        LongRopeError,
+        match=r"short_mscale = 1 differs from mscale = 1.1[0-9]*: .*allow_shared_mscale.* or rope_mscale: 1 ",
     ):
         factors.to_rope_parameters(scaling)
+    # The other fix it names: the long set given the short set's factor (what the export's rope_mscale does).
+    assert factors.to_rope_parameters(scaling.replace(mscale=1.0))["attention_factor"] == 1.0
     parameters = factors.to_rope_parameters(scaling, allow_shared_mscale=True)
     assert parameters["attention_factor"] == pytest.approx(scaling.mscale)
     assert not {"short_mscale", "long_mscale"} & set(parameters), "keys stock Llama would only warn about"

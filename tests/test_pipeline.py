@@ -97,7 +97,7 @@ def test_the_smollm2_pipeline_chains_through_its_own_prefix():
         "search-short-8k": ["data/data-search", "search-32k/factors.json"],
         "eval-16k": ["data/data-test", "search-16k/factors.json"],
         "eval-8k-16k": ["data/data-test", "search-32k/factors.json", "search-short-8k/factors.json"],
-        "eval-32k": ["data/data-test", "search-32k/factors.json"],
+        "eval-32k": ["data/data-test", "search-32k/factors.json", "search-short-8k/factors.json"],
         "eval-64k": ["data/data-test-64k", "search-32k/factors.json"],
         "eval-passkey": ["search-16k/factors.json", "search-32k/factors.json"],
         "eval-passkey-export": ["search-short-8k/factors.json"],
