@@ -466,7 +466,7 @@ def run_demo(
         if echo:
             print(f"[demo] {stage.name}: {seconds:.0f} s", flush=True)
     manifest["seconds_this_run"] = round(time.monotonic() - started, 1)
-    manifest["seconds_all_stages"] = round(sum(r.get("seconds", 0.0) for r in manifest["stages"].values()), 1)
+    manifest["seconds_all_stages"] = round(sum(r.get("seconds") or 0.0 for r in manifest["stages"].values()), 1)
     atomic_write_json(manifest_path, manifest)
     return manifest
 
