@@ -80,7 +80,7 @@ def run_forked(arguments: Sequence[str], env: Mapping[str, str], cwd: Path, log_
             runpy.run_module(arguments[1], run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(arguments)
-            sys.path[0] = str(cwd)
+            sys.path[0] = str((cwd / arguments[0]).parent)  # the script's folder, as the interpreter sets it
             runpy.run_path(str(cwd / arguments[0]), run_name="__main__")
         code = 0
     except SystemExit as error:
