@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 # Either one gives the CPU bf16 dot products in hardware; without both, PyTorch computes a bf16 matmul in a scalar
-# fallback (an AVX2 EPYC: 0.57 GFLOP/s in bf16 against 139 in fp32, benchmarks/results/cpu_precision.md).
+# fallback (an AVX2 EPYC: 0.57 GFLOP/s in bf16 against 139 in fp32, benchmarks/results/cpu_precision-avx2.md).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _warned = False
 
