@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -180,21 +179,6 @@ def profiled_forward(model: Any, ids: list[int], num_parameters: int, layers: in
         "attention_gflops": attn_flops / attention_s / 1e9 if attention_s else None,
         "matmul_gflops": matmul_flops / matmul_s / 1e9 if matmul_s else None,
     }
-
-
-def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's model name with its family and model numbers: a virtual machine often reports only "AMD EPYC", and
-    the family tells Zen 4 (25) from Zen 5 (26), whose bf16 rates differ by 2x."""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
-        if not line.strip():
-            break  # the first processor's block describes them all
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in fields:
-        name += f" (cpu family {fields['cpu family']}, model {fields.get('model', '?')})"
-    return name
 
 
 def _ranking(values: dict[str, float]) -> list[str]:
@@ -376,7 +360,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         payload.update({k: v for k, v in json.loads(json_path.read_text()).items() if k in payload})
     payload.update(
-        cpu=cpu_description(), threads=torch.get_num_threads(), torch=torch.__version__, native_bf16=native_bf16
+        cpu=cpu_features.cpu_description(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        native_bf16=native_bf16,
     )
 
     def save() -> None:

@@ -78,3 +78,11 @@ def test_the_kernel_reads_the_same_flags(cpu):
     assert cpu_attention.unavailable_reason() == "this CPU lacks avx512f, avx512bw, avx512vl, avx512_bf16"
     cpu(ZEN4)
     assert "lacks" not in (cpu_attention.unavailable_reason() or "")
+
+
+def test_the_cpu_is_named_with_its_family_because_a_virtual_machine_may_say_only_amd_epyc():
+    block = "processor\t: {n}\ncpu family\t: {family}\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t: fpu avx2\n\n"
+    fields = cpu_features.parse_cpuinfo(block.format(n=0, family=26) + block.format(n=1, family=25))
+    assert fields["flags"] == "fpu avx2"  # what cpu_flags() splits
+    assert cpu_features.cpu_description(fields) == "AMD EPYC (cpu family 26, model 2)"
+    assert cpu_features.cpu_description(cpu_features.parse_cpuinfo("processor\t: 0\nmodel name\t: Some\n")) == "Some"

@@ -63,3 +63,13 @@ def test_a_module_runs_as_with_python_dash_m(tmp_path):
     finally:
         sys.path.remove(str(tmp_path))
     assert code == 0 and "module __main__ ['--config', 'x.yaml']" in log.read_text()
+
+
+def test_a_forked_script_in_a_subfolder_imports_its_siblings_as_python_script_py_would(tmp_path):
+    folder = tmp_path / "scripts"
+    folder.mkdir()
+    (folder / "sibling.py").write_text("VALUE = 'from the sibling'\n")
+    (folder / "stage.py").write_text("import sys, sibling\nprint(sibling.VALUE, sys.path[0])\n")
+    log = tmp_path / "stage.log"
+    code = preloaded.run_forked(["scripts/stage.py"], dict(os.environ), tmp_path, log)
+    assert code == 0 and f"from the sibling {folder}" in log.read_text()
