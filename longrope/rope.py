@@ -28,8 +28,9 @@ sin in the model's dtype. A baseline's frequencies are therefore exactly transfo
 any length. Stock transformers (an exported checkpoint) computes frequencies and angles in fp32: at position p its
 angles differ from these by up to about p x θ_0 x 6e-8 rad (6e-5 at 1k, 0.008 at 128k, 0.12 at 2M for θ_0 = 1).
 
-One module on purpose (about 650 lines): the methods, their registry and the installed module share the geometry and
-scaling types and together are the project's one RoPE seam (DESIGN.md); a new method touches only the registry.
+One module on purpose (about 700 lines, in sections): the methods, their registry and the installed module share the
+geometry and scaling types and together are the project's one RoPE seam (DESIGN.md); a new method touches only the
+registry.
 
 Typical use::
 
